@@ -1,0 +1,3 @@
+from dabdetr.cli import main
+
+main()
