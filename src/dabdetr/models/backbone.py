@@ -1,0 +1,91 @@
+"""ResNet backbone (torchvision) with FrozenBatchNorm2d, optional DC5 dilation and truncation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _frozen_bn(num_features: int) -> FrozenBatchNorm2d:
+    # upstream FrozenBatchNorm2d uses eps 1e-5, which is torchvision's default as well
+    return FrozenBatchNorm2d(num_features, eps=1e-5)
+
+
+def _dilate_basic_layer(layer: nn.Sequential) -> None:
+    """DC5 for BasicBlock ResNets (18/34), which torchvision refuses to dilate.
+
+    Same scheme as timm's output_stride=16: the first block loses its stride (conv1 and the
+    downsample conv), its conv2 and every later 3x3 conv get dilation 2 (padding 2), so the
+    output keeps stride 16 with layer4's receptive field.
+    """
+    first = layer[0]
+    first.conv1.stride = (1, 1)
+    if first.downsample is not None:
+        first.downsample[0].stride = (1, 1)
+    convs = [first.conv2] + [c for block in layer[1:] for c in (block.conv1, block.conv2)]
+    for conv in convs:
+        conv.dilation = (2, 2)
+        conv.padding = (2, 2)
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet feeding the transformer one feature map.
+
+    Parameter names follow torchvision (`body.conv1`, `body.layer1.0.bn1`, ...), so torchvision
+    ImageNet state dicts and the authors' `backbone.0.body.*` keys map one to one.
+
+    forward(images [B, 3, H, W] float, mask [B, H, W] bool True on padding) returns
+    (features [B, C, h, w], mask [B, h, w] bool), with (h, w) = ceil((H, W) / stride) and stride
+    32 (16 with dilation or when truncated after layer3).
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet50",
+        dilation: bool = False,
+        norm: str = "frozen",
+        return_layer: str = "layer4",
+        trainable_layers: int = 3,
+    ) -> None:
+        super().__init__()
+        if return_layer == "layer3" and dilation:
+            raise ValueError("dilation (DC5) applies to layer4; it cannot be used with layer3 output")
+        norm_layer: Callable[[int], nn.Module] = _frozen_bn if norm == "frozen" else nn.BatchNorm2d
+        builder = getattr(torchvision.models, name)
+        bottleneck = name in ("resnet50", "resnet101")
+        resnet = builder(
+            weights=None,
+            replace_stride_with_dilation=[False, False, dilation and bottleneck],
+            norm_layer=norm_layer,
+        )
+        if dilation and not bottleneck:
+            _dilate_basic_layer(resnet.layer4)
+        # Keep only what is used: no avgpool/fc, and no layer4 when truncated.
+        keep = ("conv1", "bn1", "relu", "maxpool") + _STAGES[: _STAGES.index(return_layer) + 1]
+        self.body = nn.Sequential()
+        for child in keep:
+            self.body.add_module(child, getattr(resnet, child))
+        last_block = self.body[-1][-1]
+        last_conv = last_block.conv3 if hasattr(last_block, "conv3") else last_block.conv2
+        self.num_channels = last_conv.out_channels
+        self.stride = 16 if (dilation or return_layer == "layer3") else 32
+        # Upstream trains layer2..layer4 and freezes the stem and layer1 (trainable_layers=3),
+        # counted like torchvision's `trainable_backbone_layers`.
+        trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+        if trainable_layers == 5:
+            trainable.append("bn1")
+        for pname, param in self.body.named_parameters():
+            if not pname.startswith(tuple(trainable)):
+                param.requires_grad_(False)
+
+    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.body(images)
+        # upstream: nearest interpolation of the float mask, then back to bool
+        small_mask = nn.functional.interpolate(mask[None].float(), size=features.shape[-2:])
+        return features, small_mask.to(torch.bool)[0]

@@ -1,0 +1,173 @@
+"""The DAB-DETR detector: backbone -> encoder -> anchor-box decoder -> heads."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from dabdetr.config import DabDetrConfig
+from dabdetr.models.backbone import Backbone
+from dabdetr.models.outputs import DetectionOutput
+from dabdetr.models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSineHW
+from dabdetr.models.transformer import MLP, Transformer, inverse_sigmoid
+
+
+class AnchorQueries(nn.Module):
+    """The learned anchor boxes, [Q, 4] (x, y, w, h) in logit space, as `weight`.
+
+    With `random_refpoints_xy` ("fixxy") x and y start uniform in (0, 1). Upstream meant to
+    freeze them but its freeze was a no-op; here `freeze_xy=True` really freezes them: x, y are
+    a buffer, so neither gradients nor weight decay move them, while w, h stay trainable.
+    The state dict always shows one `weight` [Q, 4], so checkpoints are interchangeable.
+    """
+
+    def __init__(self, num_queries: int, random_xy: bool, freeze_xy: bool, eps: float = 1e-3):
+        super().__init__()
+        weight = torch.randn(num_queries, 4)  # nn.Embedding's N(0, 1) init
+        if random_xy:
+            weight[:, :2] = inverse_sigmoid(torch.rand(num_queries, 2), eps)
+        self.frozen_xy = random_xy and freeze_xy
+        if self.frozen_xy:
+            self.register_buffer("xy", weight[:, :2].clone())
+            self.wh = nn.Parameter(weight[:, 2:].clone())
+        else:
+            self.full = nn.Parameter(weight)
+        self.register_state_dict_post_hook(_anchor_state_dict_hook)
+        self.register_load_state_dict_pre_hook(_anchor_load_hook)
+
+    @property
+    def weight(self) -> Tensor:
+        if self.frozen_xy:
+            return torch.cat([self.xy, self.wh], dim=1)
+        return self.full
+
+
+def _anchor_state_dict_hook(module: AnchorQueries, state_dict: dict, prefix: str, local_metadata):
+    if module.frozen_xy:
+        xy = state_dict.pop(prefix + "xy")
+        wh = state_dict.pop(prefix + "wh")
+        state_dict[prefix + "weight"] = torch.cat([xy, wh], dim=1)
+    else:
+        state_dict[prefix + "weight"] = state_dict.pop(prefix + "full")
+
+
+def _anchor_load_hook(module: AnchorQueries, state_dict: dict, prefix: str, *args) -> None:
+    key = prefix + "weight"
+    if key not in state_dict:
+        return
+    weight = state_dict.pop(key)
+    if module.frozen_xy and weight.dim() == 2 and weight.shape[-1] == 4:
+        state_dict[prefix + "xy"] = weight[:, :2]
+        state_dict[prefix + "wh"] = weight[:, 2:]
+    else:
+        state_dict[prefix + "full"] = weight
+
+
+class DabDetr(nn.Module):
+    """DAB-DETR (Liu et al., ICLR 2022).
+
+    forward(images, mask) -> DetectionOutput:
+        images: [B, 3, H, W] float, normalized with ImageNet mean/std, zero-padded bottom/right
+            (see `dabdetr.batch_images`). Not modified.
+        mask: [B, H, W] bool, True on padding; None means no padding.
+        Returns pred_logits [B, N, C], pred_boxes [B, N, 4] normalized cxcywh relative to each
+        image's unpadded size, and aux_outputs for decoder layers 0..L-2 (when aux_loss is on),
+        with N = num_queries * max(1, num_patterns).
+    """
+
+    def __init__(self, config: DabDetrConfig | None = None):
+        super().__init__()
+        config = config or DabDetrConfig()
+        self.config = config
+        d = config.hidden_dim
+        self.backbone = Backbone(
+            config.backbone,
+            dilation=config.dilation,
+            norm=config.backbone_norm,
+            return_layer=config.backbone_return_layer,
+            trainable_layers=config.backbone_trainable_layers,
+        )
+        if config.position_embedding == "sine":
+            self.position_embedding: nn.Module = PositionEmbeddingSineHW(
+                d, config.pe_temperature_h, config.pe_temperature_w
+            )
+        else:
+            self.position_embedding = PositionEmbeddingLearned(d)
+        self.input_proj = nn.Conv2d(self.backbone.num_channels, d, kernel_size=1)
+        self.transformer = Transformer(
+            d, config.nheads, config.enc_layers, config.dec_layers, config.dim_feedforward,
+            config.dropout, config.activation, config.pre_norm, config.num_patterns,
+            config.query_scale_type, config.modulate_hw_attn, config.keep_query_pos,
+            config.query_pe_temperature, config.inverse_sigmoid_eps,
+        )
+        self.refpoint_embed = AnchorQueries(
+            config.num_queries, config.random_refpoints_xy, config.freeze_refpoints_xy,
+            config.inverse_sigmoid_eps,
+        )
+        self.class_embed = nn.Linear(d, config.num_classes)
+        if config.bbox_embed_diff_each_layer:
+            self.bbox_embed: nn.Module = nn.ModuleList(
+                MLP(d, d, 4, 3) for _ in range(config.dec_layers)
+            )
+        else:
+            self.bbox_embed = MLP(d, d, 4, 3)
+        self.reset_head_parameters()
+
+    def reset_head_parameters(self) -> None:
+        """Upstream init of the heads: class bias for a 1% prior, last box layer zero."""
+        prior_prob = 0.01
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        heads = self.bbox_embed if isinstance(self.bbox_embed, nn.ModuleList) else [self.bbox_embed]
+        for head in heads:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+
+    def encode_image(self, images: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Backbone + projection: returns src [B, S, d], pos [B, S, d], mask [B, S] (True pad)
+        with S = h * w feature cells (row-major)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool,
+                               device=images.device)
+        elif mask.shape != (images.shape[0], *images.shape[2:]) or mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask must be a bool tensor of shape {(images.shape[0], *images.shape[2:])}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        features, feat_mask = self.backbone(images, mask)
+        pos = self.position_embedding(feat_mask).to(features.dtype)
+        src = self.input_proj(features)
+        return (src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2),
+                feat_mask.flatten(1))
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> DetectionOutput:
+        src, pos, feat_mask = self.encode_image(images, mask)
+        bbox_embed = self.bbox_embed if self.config.iter_update else None
+        hs, references = self.transformer(src, feat_mask, pos, self.refpoint_embed.weight,
+                                          bbox_embed)
+        return self.heads(hs, references)
+
+    def heads(self, hs: Tensor, references: Tensor) -> DetectionOutput:
+        """Class and box heads on every decoder layer.
+
+        hs: [L, B, N, d] normed decoder outputs; references: [L, B, N, 4] (or [1, B, N, 4]
+        without iterative refinement) normalized cxcywh anchors. Boxes are
+        sigmoid(bbox_embed(hs_l) + inverse_sigmoid(ref_l)).
+        """
+        logits = self.class_embed(hs)  # (L, B, N, C)
+        inv_ref = inverse_sigmoid(references, self.config.inverse_sigmoid_eps)
+        if isinstance(self.bbox_embed, nn.ModuleList):
+            deltas = torch.stack([head(h) for head, h in zip(self.bbox_embed, hs, strict=True)])
+        else:
+            deltas = self.bbox_embed(hs)
+        boxes = (deltas + inv_ref).sigmoid()  # (L, B, N, 4) normalized cxcywh
+        aux = []
+        if self.config.aux_loss:
+            aux = [DetectionOutput(logits[i], boxes[i]) for i in range(hs.shape[0] - 1)]
+        return DetectionOutput(logits[-1], boxes[-1], aux)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

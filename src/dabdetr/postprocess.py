@@ -1,0 +1,56 @@
+"""Post-processing: model outputs -> per-image detections in absolute pixel coordinates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_convert
+
+from dabdetr.models.outputs import DetectionOutput
+
+
+@torch.no_grad()
+def postprocess(
+    outputs: DetectionOutput | dict,
+    target_sizes: Tensor | Sequence[Sequence[int]],
+    num_select: int = 300,
+    threshold: float = 0.0,
+) -> list[dict[str, Tensor]]:
+    """Top-k detections per image, as the authors' PostProcess.
+
+    Args:
+        outputs: model output (pred_logits [B, N, C], pred_boxes [B, N, 4] normalized cxcywh).
+        target_sizes: [B, 2] (height, width) of each original image, in pixels.
+        num_select: k of the top-k over all N * C (query, class) scores; upstream evaluates
+            with 300 (capped at N * C).
+        threshold: detections scoring below it are dropped after the top-k (0 keeps all k).
+    Returns:
+        one dict per image: `scores` [K] float (sigmoid), `labels` [K] int64 class indices,
+        `boxes` [K, 4] float absolute (x0, y0, x1, y1) in the original image's pixels; sorted by
+        descending score.
+    """
+    if isinstance(outputs, dict):
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    else:
+        logits, boxes = outputs.pred_logits, outputs.pred_boxes
+    batch, num_queries, num_classes = logits.shape
+    sizes = torch.as_tensor(target_sizes, dtype=torch.float32, device=logits.device)
+    if sizes.shape != (batch, 2):
+        raise ValueError(f"target_sizes must be [B={batch}, 2] (height, width), got {tuple(sizes.shape)}")
+    k = min(num_select, num_queries * num_classes)
+    prob = logits.float().sigmoid()
+    scores, index = torch.topk(prob.view(batch, -1), k, dim=1)
+    query = torch.div(index, num_classes, rounding_mode="floor")
+    labels = index % num_classes
+    xyxy = box_convert(boxes.float(), "cxcywh", "xyxy")
+    xyxy = torch.gather(xyxy, 1, query.unsqueeze(-1).expand(-1, -1, 4))
+    height, width = sizes.unbind(1)
+    scale = torch.stack([width, height, width, height], dim=1)  # (B, 4)
+    xyxy = xyxy * scale[:, None, :]
+    results = []
+    for s, lab, b in zip(scores, labels, xyxy, strict=True):
+        keep = s >= threshold if threshold > 0 else slice(None)
+        results.append({"scores": s[keep], "labels": lab[keep], "boxes": b[keep]})
+    return results

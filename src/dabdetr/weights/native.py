@@ -1,0 +1,56 @@
+"""Our own weight format: a directory with `config.json` (plain JSON) and `model.safetensors`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from dabdetr.config import DabDetrConfig
+
+FORMAT_NAME = "dabdetr"
+FORMAT_VERSION = 1
+
+
+def is_native_directory(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("format") == FORMAT_NAME
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def write_native(config: DabDetrConfig, state: dict[str, Tensor], path: Path,
+                 extra: dict[str, Any] | None = None) -> None:
+    """Write config.json + model.safetensors. `extra` is stored as plain JSON beside the config
+    (e.g. the training recipe); the category map lives in the config (id2label,
+    class_to_category)."""
+    path.mkdir(parents=True, exist_ok=True)
+    doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config.to_dict()}
+    if extra:
+        doc["extra"] = extra
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    tmp = path / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(doc, indent=2))
+
+
+def read_native(path: Path, **overrides: Any) -> tuple[DabDetrConfig, dict[str, Tensor]]:
+    try:
+        doc = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path / 'config.json'}: {err}") from None
+    if doc.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer dabdetr (format version "
+                         f"{doc['format_version']}); upgrade dabdetr to read it")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"{path} has config.json but no model.safetensors")
+    config = DabDetrConfig.from_dict(doc["config"]).replace(**overrides)
+    return config, load_file(str(weights))

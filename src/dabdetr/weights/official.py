@@ -1,0 +1,146 @@
+"""The authors' checkpoint files (IDEA-Research/DAB-DETR): safe loading and config inference.
+
+Their files are `torch.save({'model': state_dict, 'args': argparse.Namespace, ...})`. We load
+them with `torch.load(weights_only=True)` and an allow-list (argparse.Namespace and path
+objects); anything else pickled in the file is refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dabdetr.config import DabDetrConfig
+
+# Objects an official (or torchvision) checkpoint may legitimately hold besides tensors.
+SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath,
+                pathlib.WindowsPath, pathlib.PureWindowsPath]
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """torch.load with weights_only=True and our allow-list; a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = found.group(1) if found else "an object outside the allow-list"
+        raise ValueError(
+            f"refused to load {path}: it contains a pickled {what}, which is not on the "
+            "allow-list of safe types (tensors, plain containers, argparse.Namespace). "
+            "Loading it would execute code from the file. Re-save the weights as a plain "
+            "state dict or safetensors from a trusted environment."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"could not read {path} as a PyTorch checkpoint: {err}") from None
+
+
+def _layer_count(state_dict: dict[str, Tensor], pattern: str) -> int:
+    found = {int(m.group(1)) for k in state_dict if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_backbone(state_dict: dict[str, Tensor], prefix: str = "backbone.body.") -> str:
+    """ResNet depth from parameter names and shapes (bottleneck blocks have conv3)."""
+    bottleneck = f"{prefix}layer1.0.conv3.weight" in state_dict
+    layer3_blocks = _layer_count(state_dict, re.escape(prefix) + r"layer3\.(\d+)\.")
+    if bottleneck:
+        return "resnet101" if layer3_blocks > 6 else "resnet50"
+    return "resnet34" if layer3_blocks > 2 else "resnet18"
+
+
+def infer_config(state_dict: dict[str, Tensor], args: dict[str, Any] | None = None,
+                 **overrides: Any) -> DabDetrConfig:
+    """A DabDetrConfig from our-named state dict keys plus (optionally) the official args.
+
+    The state dict decides what it can (sizes, layer counts, heads, optional modules); the
+    args decide what it cannot (dilation, heads count, temperatures, activation if not PReLU);
+    `overrides` win over both.
+    """
+    args = args or {}
+    sd = state_dict
+    dec = "transformer.decoder."
+    values: dict[str, Any] = {}
+    values["backbone"] = args.get("backbone") or infer_backbone(sd)
+    if values["backbone"] not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+        raise ValueError(f"unsupported backbone {values['backbone']!r} in checkpoint args")
+    values["backbone_return_layer"] = (
+        "layer4" if any(k.startswith("backbone.body.layer4.") for k in sd) else "layer3"
+    )
+    values["dilation"] = bool(args.get("dilation", False))
+    values["hidden_dim"] = sd["input_proj.weight"].shape[0]
+    values["nheads"] = int(args.get("nheads", 8))
+    values["enc_layers"] = _layer_count(sd, r"transformer\.encoder\.layers\.(\d+)\.")
+    values["dec_layers"] = _layer_count(sd, r"transformer\.decoder\.layers\.(\d+)\.")
+    values["dim_feedforward"] = sd["transformer.encoder.layers.0.linear1.weight"].shape[0]
+    values["dropout"] = float(args.get("dropout", 0.0))
+    if "transformer.encoder.layers.0.activation.weight" in sd:
+        values["activation"] = "prelu"
+    else:
+        values["activation"] = args.get("transformer_activation", "relu")
+    values["pre_norm"] = "transformer.encoder.norm.weight" in sd
+    if "position_embedding.row_embed.weight" in sd:
+        values["position_embedding"] = "learned"
+    values["pe_temperature_h"] = float(args.get("pe_temperatureH", 20))
+    values["pe_temperature_w"] = float(args.get("pe_temperatureW", 20))
+    values["num_queries"] = sd["refpoint_embed.weight"].shape[0]
+    if "transformer.patterns.weight" in sd:
+        values["num_patterns"] = sd["transformer.patterns.weight"].shape[0]
+    values["random_refpoints_xy"] = bool(args.get("random_refpoints_xy", False))
+    values["modulate_hw_attn"] = f"{dec}ref_anchor_head.layers.0.weight" in sd
+    values["keep_query_pos"] = f"{dec}layers.1.ca_qpos_proj.weight" in sd
+    if f"{dec}query_scale.weight" in sd:
+        values["query_scale_type"] = "fix_elewise"
+    elif sd.get(f"{dec}query_scale.layers.1.weight", torch.empty(2, 0)).shape[0] == 1:
+        values["query_scale_type"] = "cond_scalar"
+    values["bbox_embed_diff_each_layer"] = "bbox_embed.0.layers.0.weight" in sd
+    values["num_classes"] = sd["class_embed.weight"].shape[0]
+    values["aux_loss"] = bool(args.get("aux_loss", True))
+    values.update(overrides)
+    return DabDetrConfig(**values)
+
+
+def official_to_ours(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], bool]:
+    """Rename the authors' keys to ours. Returns (state dict, iter_update).
+
+    backbone.0.body.* -> backbone.body.*; backbone.1.* (learned position embedding) ->
+    position_embedding.*. transformer.decoder.bbox_embed.* is upstream's second reference to
+    the shared box head: dropped after checking it equals bbox_embed.* (its presence means
+    iterative refinement was on).
+    """
+    out: dict[str, Tensor] = {}
+    decoder_copy: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith("transformer.decoder.bbox_embed."):
+            decoder_copy[key.removeprefix("transformer.decoder.")] = value
+            continue
+        if key.startswith("backbone.0."):
+            key = "backbone." + key.removeprefix("backbone.0.")
+        elif key.startswith("backbone.1."):
+            key = "position_embedding." + key.removeprefix("backbone.1.")
+        if key.endswith("num_batches_tracked"):
+            continue
+        out[key] = value
+    for key, value in decoder_copy.items():
+        if key in out and not torch.equal(out[key], value):
+            raise ValueError(
+                f"checkpoint's transformer.decoder.{key} differs from {key}; upstream shares one "
+                "box head between them, so this file is not a DAB-DETR checkpoint we understand"
+            )
+    return out, bool(decoder_copy)
+
+
+def is_official_state_dict(state_dict: dict[str, Any]) -> bool:
+    return any(k.startswith("backbone.0.body.") for k in state_dict) and any(
+        k.startswith("transformer.decoder.") for k in state_dict
+    )
