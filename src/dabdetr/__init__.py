@@ -17,7 +17,7 @@ _EXPORTS = {
     "DabDetrConfig": "dabdetr.config",
     "DetectionOutput": "dabdetr.models.outputs",
     "batch_images": "dabdetr.data.batching",
-    "postprocess": "dabdetr.postprocess",
+    "postprocess": "dabdetr.postprocessing",
     "load_model": "dabdetr.weights.loading",
     "save_model": "dabdetr.weights.loading",
     "export_huggingface": "dabdetr.weights.loading",

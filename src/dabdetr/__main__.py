@@ -1,3 +1,5 @@
+import sys
+
 from dabdetr.cli import main
 
-main()
+sys.exit(main(sys.argv[1:]))

@@ -55,6 +55,11 @@ class DabDetrConfig:
     iter_update: bool = True  # iterative box refinement through the decoder
     inverse_sigmoid_eps: float = 1e-3  # 1e-3 upstream, 1e-5 in transformers
     aux_loss: bool = True
+    # Batching policy: upstream runs the backbone on the zero-padded batch, so convolutions near
+    # the bottom/right edge see the padding and an image's detections depend on its batch mates.
+    # True runs the backbone on each image's unpadded extent (same-size images together) and
+    # masks whole feature cells: every image gets exactly its single-image result.
+    pad_invariant: bool = False
     # heads
     num_classes: int = 91  # logits per query; 91 = COCO category ids 0..90 (0 unused)
     id2label: dict[int, str] = field(default_factory=dict)  # class index -> name

@@ -84,8 +84,38 @@ class Backbone(nn.Module):
             if not pname.startswith(tuple(trainable)):
                 param.requires_grad_(False)
 
-    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, mask: Tensor, pad_invariant: bool = False
+                ) -> tuple[Tensor, Tensor]:
+        if pad_invariant:
+            return self._forward_per_image(images, mask)
         features = self.body(images)
         # upstream: nearest interpolation of the float mask, then back to bool
         small_mask = nn.functional.interpolate(mask[None].float(), size=features.shape[-2:])
         return features, small_mask.to(torch.bool)[0]
+
+    def _forward_per_image(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Backbone on each image's valid (top-left) extent, features pasted into a padded map.
+
+        Images of equal size run together. Feature cells beyond an image's own feature map are
+        padding; no convolution ever sees another image's padding, so results do not depend on
+        the batch.
+        """
+        valid = ~mask
+        heights = valid.any(dim=2).sum(dim=1).tolist()
+        widths = valid.any(dim=1).sum(dim=1).tolist()
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(zip(heights, widths, strict=True)):
+            groups.setdefault(size, []).append(i)
+        pieces: dict[int, Tensor] = {}
+        for (h, w), idx in groups.items():
+            feats = self.body(images[idx, :, :h, :w])
+            pieces.update(zip(idx, feats, strict=True))
+        fh = max(p.shape[-2] for p in pieces.values())
+        fw = max(p.shape[-1] for p in pieces.values())
+        first = pieces[0]
+        features = first.new_zeros(len(pieces), first.shape[0], fh, fw)
+        small_mask = torch.ones(len(pieces), fh, fw, dtype=torch.bool, device=images.device)
+        for i, feat in pieces.items():
+            features[i, :, : feat.shape[-2], : feat.shape[-1]] = feat
+            small_mask[i, : feat.shape[-2], : feat.shape[-1]] = False
+        return features, small_mask

@@ -75,6 +75,10 @@ class DabDetr(nn.Module):
         Returns pred_logits [B, N, C], pred_boxes [B, N, 4] normalized cxcywh relative to each
         image's unpadded size, and aux_outputs for decoder layers 0..L-2 (when aux_loss is on),
         with N = num_queries * max(1, num_patterns).
+
+    By default a padded batch is computed exactly as upstream (the backbone sees the padding,
+    so an image's result depends slightly on its batch mates); config.pad_invariant=True gives
+    every image exactly its single-image result.
     """
 
     def __init__(self, config: DabDetrConfig | None = None):
@@ -137,7 +141,7 @@ class DabDetr(nn.Module):
                 f"mask must be a bool tensor of shape {(images.shape[0], *images.shape[2:])}, "
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
-        features, feat_mask = self.backbone(images, mask)
+        features, feat_mask = self.backbone(images, mask, self.config.pad_invariant)
         pos = self.position_embedding(feat_mask).to(features.dtype)
         src = self.input_proj(features)
         return (src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2),

@@ -1,0 +1,186 @@
+"""Model properties: batching, options, input safety, the fixxy freeze."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _util import tiny_config
+
+import dabdetr
+from dabdetr.models.dab_detr import DabDetr
+
+
+def _images():
+    return [torch.randn(3, 70, 90), torch.randn(3, 96, 64), torch.randn(3, 64, 64)]
+
+
+def test_batch_images_layout():
+    imgs = _images()
+    batch, mask = dabdetr.batch_images(imgs)
+    assert batch.shape == (3, 3, 96, 90) and mask.shape == (3, 96, 90) and mask.dtype == torch.bool
+    assert torch.equal(batch[0, :, :70, :90], imgs[0])
+    assert batch[0, :, 70:].abs().sum() == 0 and mask[0, 70:].all() and not mask[0, :70, :90].any()
+    with pytest.raises(ValueError, match="empty"):
+        dabdetr.batch_images([])
+    with pytest.raises(ValueError, match="image 0"):
+        dabdetr.batch_images([torch.randn(96, 64)])
+
+
+def test_padded_batch_equals_single_images():
+    model = DabDetr(tiny_config(pad_invariant=True)).eval()
+    # perturb the frozen batch norms so padding would leak if the backbone saw it
+    for name, buf in model.backbone.named_buffers():
+        buf.add_(torch.rand_like(buf) * 0.1)
+    imgs = _images()
+    batch, mask = dabdetr.batch_images(imgs)
+    with torch.no_grad():
+        out = model(batch, mask)
+        for i, img in enumerate(imgs):
+            single = model(img[None])
+            torch.testing.assert_close(out.pred_logits[i], single.pred_logits[0], atol=1e-4, rtol=0)
+            torch.testing.assert_close(out.pred_boxes[i], single.pred_boxes[0], atol=1e-4, rtol=0)
+
+
+def test_upstream_batching_differs_but_matches_pad_invariant_on_full_size_image():
+    """Upstream semantics: the largest image (no padding) is unaffected either way."""
+    model = DabDetr(tiny_config()).eval()
+    imgs = [torch.randn(3, 96, 96), torch.randn(3, 64, 70)]
+    batch, mask = dabdetr.batch_images(imgs)
+    with torch.no_grad():
+        upstream = model(batch, mask)
+        model.config.pad_invariant = True
+        invariant = model(batch, mask)
+    torch.testing.assert_close(upstream.pred_boxes[0], invariant.pred_boxes[0], atol=1e-5, rtol=0)
+
+
+def test_model_does_not_mutate_input():
+    model = DabDetr(tiny_config()).eval()
+    batch, mask = dabdetr.batch_images(_images())
+    before, mask_before = batch.clone(), mask.clone()
+    model(batch, mask)
+    assert torch.equal(batch, before) and torch.equal(mask, mask_before)
+
+
+@pytest.mark.parametrize("hidden_dim,nheads", [(128, 8), (96, 4), (48, 6)])
+def test_any_hidden_dim_divisible_by_heads(hidden_dim, nheads):
+    model = DabDetr(tiny_config(hidden_dim=hidden_dim, nheads=nheads)).eval()
+    out = model(torch.randn(1, 3, 64, 96))
+    assert out.pred_logits.shape == (1, 8, 5) and out.pred_boxes.shape == (1, 8, 4)
+    assert all(a.pred_logits.shape == (1, 8, 5) for a in out.aux_outputs)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"query_scale_type": "cond_scalar"},
+    {"query_scale_type": "fix_elewise"},
+    {"modulate_hw_attn": False},
+    {"keep_query_pos": True},
+    {"bbox_embed_diff_each_layer": True},
+    {"iter_update": False},
+    {"activation": "relu"},
+    {"activation": "gelu"},
+    {"pre_norm": True},
+    {"position_embedding": "learned"},
+    {"num_patterns": 3},
+    {"random_refpoints_xy": True},
+    {"aux_loss": False},
+    {"dilation": True},
+    {"backbone_return_layer": "layer3"},
+    {"backbone_norm": "batch", "backbone_trainable_layers": 5},
+    {"query_pe_temperature": 20.0, "pe_temperature_h": 10.0, "pe_temperature_w": 10.0},
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_options_run_and_train(overrides):
+    model = DabDetr(tiny_config(**overrides))
+    out = model(torch.randn(2, 3, 64, 80))
+    n = 8 * max(1, overrides.get("num_patterns", 0))
+    assert out.pred_logits.shape == (2, n, 5)
+    assert len(out.aux_outputs) == (0 if overrides.get("aux_loss") is False else 1)
+    loss = out.pred_logits.sum() + out.pred_boxes.sum()
+    loss.backward()
+    assert model.class_embed.weight.grad is not None
+    assert ((0 <= out.pred_boxes) & (out.pred_boxes <= 1)).all()
+
+
+def test_options_survive_save_and_load(tmp_path):
+    cfg = tiny_config(query_scale_type="fix_elewise", bbox_embed_diff_each_layer=True,
+                      num_patterns=2, keep_query_pos=True, activation="gelu",
+                      position_embedding="learned", pre_norm=True)
+    model = DabDetr(cfg).eval()
+    dabdetr.save_model(model, tmp_path / "m")
+    loaded = dabdetr.load_model(tmp_path / "m")
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(model(x).pred_boxes, loaded(x).pred_boxes)
+
+
+@pytest.mark.parametrize("backbone", ["resnet34", "resnet50", "resnet101"])
+def test_backbones_build(backbone):
+    model = DabDetr(tiny_config(backbone=backbone))
+    assert model.backbone.num_channels == (512 if backbone == "resnet34" else 2048)
+    frozen = [n for n, p in model.backbone.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("body.conv1", "body.layer1")) for n in frozen)
+    assert all(p.requires_grad for n, p in model.backbone.named_parameters()
+               if n.startswith(("body.layer2", "body.layer3", "body.layer4")))
+
+
+def test_fixxy_freeze_keeps_xy_and_moves_wh():
+    model = DabDetr(tiny_config(random_refpoints_xy=True))
+    before = model.refpoint_embed.weight.detach().clone()
+    assert ((before[:, :2].sigmoid() > 0) & (before[:, :2].sigmoid() < 1)).all()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-1)
+    for _ in range(2):
+        out = model(torch.randn(1, 3, 64, 64))
+        (out.pred_boxes.sum() + sum(a.pred_boxes.sum() for a in out.aux_outputs)).backward()
+        opt.step()
+        opt.zero_grad()
+    after = model.refpoint_embed.weight.detach()
+    assert torch.equal(after[:, :2], before[:, :2])
+    assert not torch.allclose(after[:, 2:], before[:, 2:])
+    assert list(model.state_dict()).count("refpoint_embed.weight") == 1
+
+
+def test_fixxy_upstream_behaviour_trains_xy():
+    model = DabDetr(tiny_config(random_refpoints_xy=True, freeze_refpoints_xy=False))
+    before = model.refpoint_embed.weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out = model(torch.randn(1, 3, 64, 64))
+    out.pred_boxes.sum().backward()
+    opt.step()
+    assert not torch.allclose(model.refpoint_embed.weight[:, :2], before[:, :2])
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="multiple of nheads"):
+        tiny_config(hidden_dim=66, nheads=4)
+    with pytest.raises(ValueError, match="backbone"):
+        tiny_config(backbone="vgg16")
+    with pytest.raises(ValueError, match="unknown"):
+        tiny_config().replace(hidden_size=3)
+
+
+def test_bad_model_input():
+    model = DabDetr(tiny_config()).eval()
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="mask"):
+        model(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64))
+
+
+def test_postprocess_threshold_and_shapes():
+    model = DabDetr(tiny_config()).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    res = dabdetr.postprocess(out, [[100, 200], [50, 60]], num_select=10)
+    assert [len(r["scores"]) for r in res] == [10, 10]
+    # top-1 of image 0 by hand: query = index // C, label = index % C, cxcywh -> xyxy * (w, h)
+    flat = out.pred_logits[0].sigmoid().flatten().argmax()
+    query, label = divmod(int(flat), 5)
+    cx, cy, w, h = out.pred_boxes[0, query].tolist()
+    expected = torch.tensor([(cx - w / 2) * 200, (cy - h / 2) * 100, (cx + w / 2) * 200,
+                             (cy + h / 2) * 100])
+    assert int(res[0]["labels"][0]) == label
+    torch.testing.assert_close(res[0]["boxes"][0], expected, atol=1e-3, rtol=1e-5)
+    assert (res[0]["scores"][:-1] >= res[0]["scores"][1:]).all()
+    cut = float(res[0]["scores"][4])
+    kept = dabdetr.postprocess(out, [[100, 200], [50, 60]], num_select=10, threshold=cut)
+    assert (kept[0]["scores"] >= cut).all() and len(kept[0]["scores"]) >= 5
+    with pytest.raises(ValueError, match="target_sizes"):
+        dabdetr.postprocess(out, [[100, 200]])
