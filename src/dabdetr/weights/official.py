@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import pathlib
 import pickle
+import pickletools
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +34,45 @@ def safe_torch_load(path: str | Path) -> Any:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = found.group(1) if found else "an object outside the allow-list"
+    except pickle.UnpicklingError:
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+        found = [g for g in pickled_globals(path) if g not in allowed
+                 and not g.startswith(("torch.", "collections.OrderedDict", "builtins.set"))]
+        what = ", ".join(sorted(set(found))) or "objects of types outside the allow-list"
         raise ValueError(
-            f"refused to load {path}: it contains a pickled {what}, which is not on the "
-            "allow-list of safe types (tensors, plain containers, argparse.Namespace). "
-            "Loading it would execute code from the file. Re-save the weights as a plain "
-            "state dict or safetensors from a trusted environment."
+            f"refused to load {path}: it contains pickled {what}, not on the allow-list of safe "
+            "types (tensors, plain containers, argparse.Namespace). Unpickling it could execute "
+            "code from the file, so it was not unpickled. Re-save the weights as a plain state "
+            "dict or safetensors from a trusted environment."
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(f"could not read {path} as a PyTorch checkpoint: {err}") from None
+
+
+def pickled_globals(path: Path) -> list[str]:
+    """Names of the classes/functions a pickle (plain or inside a torch zip) refers to.
+
+    Read with pickletools, which only parses opcodes: nothing is imported or executed.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                data = zf.read(member) if member else b""
+        else:
+            data = path.read_bytes()
+        names: list[str] = []
+        strings: list[str] = []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return names
+    except Exception:  # a broken pickle: we only wanted names for the message
+        return []
 
 
 def _layer_count(state_dict: dict[str, Tensor], pattern: str) -> int:
