@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from dabdetr.data.batching import batch_images
-from dabdetr.data.io import load_image_rgb
+from dabdetr.data.io import load_image_rgb, to_rgb
 from dabdetr.data.transforms import OFFICIAL_EVAL_SIZE, OFFICIAL_MAX_SIZE, make_eval_transforms
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.postprocessing import postprocess
@@ -121,7 +121,8 @@ def predict(images: Sequence[str | os.PathLike | Image.Image] | str | os.PathLik
     results = []
     for item in images:
         img = item if isinstance(item, Image.Image) else load_image_rgb(item)
-        det = predictor([img.convert("RGB")])[0]
+        # to_rgb, not convert("RGB"): PIL clips 16-bit images to white instead of scaling them
+        det = predictor([to_rgb(img)])[0]
         det.source = "" if isinstance(item, Image.Image) else str(item)
         results.append(det)
     return results

@@ -1,0 +1,66 @@
+"""Named model configurations: the published ones and small models for CPU work.
+
+Parameter counts and FLOPs are printed by `python -m dabdetr.presets` (FLOPs counted with
+torch.utils.flop_counter at the preset's typical input size).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dabdetr.config import DabDetrConfig
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the authors' published configurations (COCO, 91-logit head)
+    "dab-detr-r50": {},
+    "dab-detr-r50-3pat": {"num_patterns": 3},
+    "dab-detr-r50-dc5": {"dilation": True, "pe_temperature_h": 10, "pe_temperature_w": 10},
+    "dab-detr-r50-dc5-3pat": {"dilation": True, "num_patterns": 3},
+    "dab-detr-r50-dc5-fixxy": {"dilation": True, "random_refpoints_xy": True},
+    "dab-detr-r101": {"backbone": "resnet101"},
+    # small models for CPU training from scratch (see benchmarks/RESULTS.md)
+    "cpu-small": {
+        "backbone": "resnet18", "backbone_return_layer": "layer3", "backbone_norm": "batch",
+        "backbone_trainable_layers": 5, "hidden_dim": 128, "nheads": 8, "enc_layers": 2,
+        "dec_layers": 3, "dim_feedforward": 512, "num_queries": 20,
+    },
+    "cpu-tiny": {
+        "backbone": "resnet18", "backbone_return_layer": "layer3", "backbone_norm": "batch",
+        "backbone_trainable_layers": 5, "hidden_dim": 64, "nheads": 4, "enc_layers": 1,
+        "dec_layers": 2, "dim_feedforward": 128, "num_queries": 10,
+    },
+}
+
+# typical input size (h, w) used for the FLOP figures
+PRESET_INPUT = {name: (800, 1088) for name in PRESETS} | {"cpu-small": (256, 256),
+                                                         "cpu-tiny": (128, 128)}
+
+
+def preset_config(name: str, **overrides: Any) -> DabDetrConfig:
+    """DabDetrConfig of a named preset, with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return DabDetrConfig(**{**PRESETS[name], **overrides})
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Parameters and forward GFLOPs of a preset at its typical input size (batch 1)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dabdetr.models.dab_detr import DabDetr
+
+    model = DabDetr(preset_config(name)).eval()
+    params = model.num_parameters()
+    model.requires_grad_(False)  # FlopCounterMode's module tracker trips over no_grad
+    h, w = PRESET_INPUT[name]
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, h, w))
+    return {"preset": name, "params_M": params / 1e6,
+            "gflops": counter.get_total_flops() / 1e9, "input": f"{h}x{w}"}
+
+
+if __name__ == "__main__":
+    for preset in PRESETS:
+        d = describe(preset)
+        print(f"{d['preset']:24s} {d['params_M']:7.2f} M params {d['gflops']:8.1f} GFLOP @ {d['input']}")

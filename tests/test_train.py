@@ -1,0 +1,247 @@
+"""Training and evaluation end to end on a tiny generated dataset (CPU)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dabdetr
+from dabdetr.cli import main
+from dabdetr.data.synthetic import generate_dataset
+from dabdetr.engine.train import TrainConfig, Trainer, TrainingDiverged, train
+from dabdetr.weights.official import safe_torch_load
+
+TINY = {"num_queries": 10}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, num_train=16, num_val=8, seed=1, difficulty="easy", image_size=64,
+                     progress=False)
+    return out
+
+
+def tiny_cfg(data_dir: Path, out: Path, **kw) -> TrainConfig:
+    values = dict(data=str(data_dir), out=str(out), model="cpu-tiny", model_overrides=dict(TINY),
+                  epochs=1000, batch_size=4, lr=1e-3, lr_backbone=1e-3, lr_drop=[],
+                  image_size=64, no_crop=True, num_workers=0, eval_every=1000, progress=False,
+                  seed=3)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def test_overfits_small_dataset_through_cli(data_dir, tmp_path, capsys):
+    """A few hundred steps on 16 easy images: AP on those images far above chance."""
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data_dir), "--out", str(out), "--model", "cpu-tiny",
+                 "--set", "num_queries=10", "--val-split", "train", "--epochs", "1000",
+                 "--max-steps", "200", "--batch-size", "8", "--lr", "1e-3", "--lr-backbone",
+                 "1e-3", "--lr-drop", "--image-size", "64", "--no-crop", "--no-flip",
+                 "--num-workers", "0", "--eval-every", "1000", "--seed", "1", "--no-progress"])
+    assert code == 0
+    assert "final: AP" in capsys.readouterr().out
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [h for h in history if h["type"] == "epoch"][-1]
+    assert final["AP50"] > 0.3 and final["AP"] > 0.1, final  # chance is ~0.0
+    assert (out / "curves.png").stat().st_size > 1000
+    ckpt = safe_torch_load(out / "last.pt")
+    assert ckpt["step"] == 200 and ckpt["categories"]["layout"] == "contiguous"
+    model = dabdetr.load_model(out / "best.pt")  # a training checkpoint is a weight source
+    assert model.config.num_classes == 6 and model.config.label_name(0) == "circle"
+
+
+def _state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    full = Trainer(tiny_cfg(data_dir, tmp_path / "full", max_steps=7, deterministic=True))
+    full.fit()
+    first = Trainer(tiny_cfg(data_dir, tmp_path / "split", max_steps=3, deterministic=True))
+    first.fit()
+    resumed = Trainer(tiny_cfg(data_dir, tmp_path / "split", max_steps=7, deterministic=True),
+                      resume=str(tmp_path / "split" / "last.pt"))
+    assert resumed.step == 3
+    resumed.fit()
+    a, b = _state(full.model), _state(resumed.model)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    opt_a, opt_b = full.optimizer.state_dict(), resumed.optimizer.state_dict()
+    for idx, st in opt_a["state"].items():
+        assert torch.equal(st["exp_avg"], opt_b["state"][idx]["exp_avg"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, result_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = Trainer(cfg, device="cpu")
+    trainer.fit()
+    if rank == 0:
+        torch.save({"state": trainer.model.state_dict(), "history": trainer.history},
+                   Path(result_dir) / "ddp.pt")
+    dabdetr.distributed.destroy()
+
+
+def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
+    # pad_invariant: padding must not depend on how the global batch is split; frozen BN:
+    # batch statistics would differ per process (as in any DDP run without SyncBatchNorm)
+    overrides = dict(TINY, pad_invariant=True, backbone_norm="frozen")
+    common = dict(max_steps=3, epochs=1000, deterministic=True, eval_every=1,
+                  model_overrides=overrides, eval_batch_size=3)
+    single = Trainer(tiny_cfg(data_dir, tmp_path / "one", batch_size=4, **common))
+    single.fit()
+    ddp_cfg = tiny_cfg(data_dir, tmp_path / "two", batch_size=2, **common)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), ddp_cfg, str(tmp_path)), nprocs=2, join=True)
+    result = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    for key, value in single.model.state_dict().items():
+        torch.testing.assert_close(result["state"][key], value, atol=1e-5, rtol=1e-5, msg=key)
+    one, two = single.history, result["history"]
+    assert len(one) == len(two)
+    for h1, h2 in zip(one, two, strict=True):
+        assert abs(h1["train_loss"] - h2["train_loss"]) < 1e-4 * max(1.0, abs(h1["train_loss"]))
+        if "AP" in h1:  # distributed evaluation (gathered to rank 0) == single process
+            for k in ("AP", "AP50", "AR100"):
+                assert abs(h1[k] - h2[k]) < 1e-6, k
+
+
+def test_evaluate_cli_matches_training_evaluation(data_dir, tmp_path, capsys):
+    cfg = tiny_cfg(data_dir, tmp_path / "run", max_steps=4, eval_every=1)
+    summary = train(cfg)
+    capsys.readouterr()
+    code = main(["evaluate", "--weights", str(tmp_path / "run" / "last.pt"), "--data",
+                 str(data_dir), "--eval-size", "64", "--max-size", "1333", "--num-workers", "0",
+                 "--out", str(tmp_path / "eval")])
+    assert code == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert abs(metrics["AP"] - summary["last"]["AP"]) < 1e-9
+    assert "AP50" in capsys.readouterr().out
+    assert isinstance(json.loads((tmp_path / "eval" / "detections.json").read_text()), list)
+
+
+def test_fine_tune_from_other_class_count(data_dir, tmp_path, caplog):
+    from dabdetr.models.dab_detr import DabDetr
+    from dabdetr.presets import preset_config
+
+    coco_like = DabDetr(preset_config("cpu-tiny", num_classes=91, **TINY))
+    dabdetr.save_model(coco_like, tmp_path / "coco")
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(tiny_cfg(data_dir, tmp_path / "ft", max_steps=1,
+                                   weights=str(tmp_path / "coco")))
+    assert "class_embed.weight" in caplog.text
+    assert torch.equal(trainer.model.input_proj.weight, coco_like.input_proj.weight)
+    assert trainer.model.class_embed.weight.shape[0] == 6
+
+
+def test_options_ema_accumulate_warmup(data_dir, tmp_path):
+    cfg = tiny_cfg(data_dir, tmp_path / "opts", max_steps=2, ema_decay=0.9, accumulate=2,
+                   warmup_steps=5, match_repeat=2, eval_every=1)
+    summary = train(cfg)
+    assert summary["steps"] == 2 and summary["images_seen"] == 16
+    ckpt = safe_torch_load(tmp_path / "opts" / "last.pt")
+    assert ckpt["ema"] is not None
+
+
+def test_amp_needs_cuda(data_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ValueError, match="CUDA"):
+        Trainer(tiny_cfg(data_dir, tmp_path / "amp", amp="bf16"))
+
+
+def test_non_finite_loss_stops_with_checkpoint_intact(data_dir, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_cfg(data_dir, tmp_path / "nan", max_steps=8, eval_every=1000))
+    original = trainer.criterion.forward
+    calls = {"n": 0}
+
+    def poisoned(outputs, targets):
+        calls["n"] += 1
+        losses = original(outputs, targets)
+        if calls["n"] > 5:  # after the first epoch (4 steps) wrote last.pt
+            losses["loss_bbox"] = losses["loss_bbox"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer.criterion, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss is nan"):
+        trainer.fit()
+    ckpt = safe_torch_load(tmp_path / "nan" / "last.pt")
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_bad_images_are_skipped_and_counted(data_dir, tmp_path, caplog):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    (broken / "train" / "000000.png").write_bytes(b"not a png")
+    (broken / "train" / "000001.png").unlink()
+    with caplog.at_level(logging.WARNING):
+        summary = train(tiny_cfg(broken, tmp_path / "run", max_steps=4, epochs=1))
+    assert summary["skipped_images"] == 2
+    assert "skipped" in caplog.text
+
+
+def test_malformed_annotations_fail_before_training(data_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    (bad / "annotations" / "instances_train.json").write_text('{"images": [}')
+    with pytest.raises(ValueError, match="instances_train.json"):
+        Trainer(tiny_cfg(bad, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_category_ids_are_reported(data_dir, tmp_path, caplog):
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(data_dir, odd)
+    ann_file = odd / "annotations" / "instances_train.json"
+    ann = json.loads(ann_file.read_text())
+    ann["annotations"][0]["category_id"] = 77
+    ann_file.write_text(json.dumps(ann))
+    with caplog.at_level(logging.WARNING):
+        Trainer(tiny_cfg(odd, tmp_path / "run"))
+    assert "77" in caplog.text
+
+
+def test_killed_training_leaves_loadable_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dabdetr", "train", "--data", str(data_dir), "--out", str(out),
+           "--model", "cpu-tiny", "--set", "num_queries=10", "--epochs", "1000",
+           "--batch-size", "8", "--image-size", "64", "--no-crop", "--num-workers", "0",
+           "--eval-every", "1000", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1.0)  # let it get into the next epoch (and maybe a checkpoint write)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ckpt = safe_torch_load(out / "last.pt")
+    assert ckpt["step"] >= 2
+    assert dabdetr.load_model(out / "last.pt").config.num_classes == 6
