@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 # CI clones the repo next to `shared/`: it is a sibling of the repository root.
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GOLDEN = SHARED / "golden" / "tiny_r18"

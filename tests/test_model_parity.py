@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
+from _util import tiny_config
 
 import dabdetr
 from dabdetr.weights import huggingface
-from _util import tiny_config
 
 transformers = pytest.importorskip("transformers")
 
