@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         code = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
+    except (ValueError, OSError) as err:
         print(f"dabdetr {args.command}: error: {err}", file=sys.stderr)
         code = 2
     return code

@@ -1,0 +1,179 @@
+"""Convergence on the synthetic benchmark: validation AP against minutes and images seen.
+
+Runs each named recipe through the same `Trainer` that `dabdetr train` uses, for a fixed
+wall-clock budget, evaluating COCO AP on the held-out split after every epoch.
+
+    python benchmarks/convergence.py --minutes 10 --recipes naive demo
+    python benchmarks/convergence.py --minutes 6 --jobs 2 --recipes demo demo-no-o2m ...
+
+With --jobs 2 two recipes run at once with one thread each (compare them by images seen; the
+wall-clock axis then reflects half the machine). Results: one run directory per recipe under
+--out, a PNG plot and a markdown table (also written to benchmarks/RESULTS.md's Convergence
+section with --update-results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Each recipe: a model preset + overrides and TrainConfig fields. Keep in sync with the table
+# in benchmarks/RESULTS.md; `dabdetr demo` uses DEMO (src/dabdetr/demo.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from dabdetr.demo import DEMO_RECIPE  # noqa: E402
+
+NAIVE = {  # the issue's baseline: authors' recipe with a trainable ResNet-18 from scratch
+    "model": "cpu-small",
+    "model_overrides": {"backbone_return_layer": "layer4", "dilation": False, "hidden_dim": 256,
+                        "enc_layers": 3, "dec_layers": 3, "dim_feedforward": 1024,
+                        "num_queries": 30},
+    "batch_size": 8, "lr": 2e-4, "lr_backbone": 2e-4, "warmup_steps": 0, "clip_max_norm": 0.1,
+    "image_size": 160, "match_repeat": 1, "no_crop": False,
+}
+
+
+def _variant(**changes):
+    recipe = json.loads(json.dumps(DEMO_RECIPE))
+    for key, value in changes.items():
+        if key == "model_overrides":
+            recipe["model_overrides"].update(value)
+        else:
+            recipe[key] = value
+    return recipe
+
+
+RECIPES = {
+    "naive": NAIVE,
+    "demo": DEMO_RECIPE,
+    # each switch of the demo recipe turned back off
+    "demo-lr2e-4": _variant(lr=2e-4, lr_backbone=2e-4, warmup_steps=0),
+    "demo-no-o2m": _variant(match_repeat=1),
+    "demo-frozen-bn": _variant(model_overrides={"backbone_norm": "frozen"}),
+    "demo-layer4": _variant(model_overrides={"backbone_return_layer": "layer4"}),
+    "demo-160px": _variant(image_size=160),
+    "demo-clip0.1": _variant(clip_max_norm=0.1),
+}
+
+
+def run_one(name: str, data: str, out: Path, minutes: float, seed: int, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from dabdetr.engine.train import TrainConfig, Trainer
+
+    recipe = dict(RECIPES[name])
+    cfg = TrainConfig(data=data, out=str(out / name), epochs=10_000, time_limit=minutes,
+                      seed=seed, lr_drop=[], eval_every=1, progress=False, num_workers=1,
+                      **recipe)
+    Trainer(cfg).fit()
+
+
+def load_history(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == "epoch" and "AP" in r]
+
+
+def plot(out: Path, names: list[str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name in names:
+        hist = load_history(out / name)
+        if not hist:
+            continue
+        mins = [h["minutes"] for h in hist]
+        imgs = [h["images_seen"] / 1000 for h in hist]
+        axes[0].plot(mins, [h["AP50"] for h in hist], marker=".", label=name)
+        axes[1].plot(mins, [h["AP"] for h in hist], marker=".", label=name)
+        axes[2].plot(imgs, [h["AP"] for h in hist], marker=".", label=name)
+    for ax, (x, y) in zip(axes, [("minutes (wall clock)", "val AP50"),
+                                 ("minutes (wall clock)", "val AP"),
+                                 ("thousand images seen", "val AP")], strict=True):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "convergence.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def table(out: Path, names: list[str]) -> str:
+    rows = ["| recipe | minutes | images seen | AP | AP50 | best AP (at min) |",
+            "|---|---|---|---|---|---|"]
+    for name in names:
+        hist = load_history(out / name)
+        if not hist:
+            rows.append(f"| {name} | - | - | - | - | - |")
+            continue
+        last = hist[-1]
+        best = max(hist, key=lambda h: h["AP"])
+        rows.append(f"| {name} | {last['minutes']:.1f} | {last['images_seen']:,} | "
+                    f"{last['AP']:.3f} | {last['AP50']:.3f} | {best['AP']:.3f} "
+                    f"({best['minutes']:.1f}) |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=["naive", "demo"],
+                        choices=sorted(RECIPES))
+    parser.add_argument("--minutes", type=float, default=10.0, help="training budget per recipe")
+    parser.add_argument("--data", default="runs/synth-standard-128",
+                        help="synthetic dataset dir (generated if absent)")
+    parser.add_argument("--train", type=int, default=4000)
+    parser.add_argument("--val", type=int, default=200)
+    parser.add_argument("--out", default="runs/convergence")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="recipes run in parallel")
+    parser.add_argument("--report-only", action="store_true", help="just plot existing runs")
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    out = Path(args.out)
+    if args.run_one:
+        run_one(args.run_one, args.data, out, args.minutes, args.seed, args.threads)
+        return
+    if not args.report_only:
+        from dabdetr.data.synthetic import dataset_matches, generate_dataset
+
+        if not dataset_matches(args.data, args.train, args.val, seed=12345,
+                               difficulty="standard", image_size=128):
+            generate_dataset(args.data, args.train, args.val, seed=12345, difficulty="standard",
+                             image_size=128)
+        threads = max(1, (os.cpu_count() or 2) // args.jobs)
+        pending = list(args.recipes)
+        running: list[tuple[str, subprocess.Popen]] = []
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                name = pending.pop(0)
+                cmd = [sys.executable, __file__, "--run-one", name, "--data", args.data, "--out",
+                       str(out), "--minutes", str(args.minutes), "--seed", str(args.seed),
+                       "--threads", str(threads)]
+                print(f"[{time.strftime('%H:%M:%S')}] start {name}", flush=True)
+                log = open(out / f"{name}.log", "w") if out.mkdir(parents=True, exist_ok=True) \
+                    is None else None
+                running.append((name, subprocess.Popen(cmd, stdout=log, stderr=log)))
+            time.sleep(2)
+            for item in list(running):
+                if item[1].poll() is not None:
+                    print(f"[{time.strftime('%H:%M:%S')}] done {item[0]} (exit {item[1].returncode})",
+                          flush=True)
+                    running.remove(item)
+    print(table(out, args.recipes))
+    print("plot:", plot(out, args.recipes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""`dabdetr demo`: generate the synthetic benchmark, train from scratch on this machine for a
+bounded time, evaluate COCO AP, and draw what the model detects."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# The fast-convergence recipe (each entry is a `dabdetr train` switch; the measurements behind
+# every choice are in benchmarks/RESULTS.md, produced by benchmarks/convergence.py).
+DEMO_RECIPE: dict[str, Any] = {
+    "model": "cpu-small",  # ResNet-18 cut after layer3, trainable BatchNorm, hidden 128, 2+3 layers
+    "model_overrides": {},
+    "batch_size": 16,
+    "lr": 1e-3,  # 10x the published lr, for everything (backbone trained from scratch)
+    "lr_backbone": 1e-3,
+    "warmup_steps": 100,
+    "clip_max_norm": 1.0,
+    "image_size": 128,  # multi-scale 76..128 px
+    "no_crop": True,
+    "match_repeat": 3,  # one-to-many matching on the auxiliary decoder layers
+}
+DEMO_DATA = {"num_train": 4000, "num_val": 200, "seed": 12345, "difficulty": "standard",
+             "image_size": 128}
+RESERVE_SECONDS = 45  # final evaluation, drawing and saving
+
+
+class DemoError(ValueError):
+    pass
+
+
+def _check_out_dir(out: Path, resume: bool, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--out {out} exists and is not a directory")
+    previous = out / "train" / "last.pt"
+    if out.exists() and any(out.iterdir()):
+        if previous.exists() and not (resume or force):
+            raise DemoError(
+                f"{out} holds a previous demo run ({previous}); pass --resume to continue it, "
+                "--force to start over (its checkpoint is replaced), or choose another --out")
+        known = {"data", "train", "demo.json", "predictions.png", "curves.png", "model"}
+        unknown = sorted(p.name for p in out.iterdir() if p.name not in known)
+        if unknown and not force:
+            raise DemoError(f"{out} is not empty and does not look like a demo run (found "
+                            f"{unknown[:5]}); choose an empty or new --out, or pass --force")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise DemoError(f"cannot write to --out {out}: {err.strerror or err}") from None
+
+
+def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
+             preset: str | None = None, seed: int = 0, backbone_weights: str | None = None,
+             resume: bool = False, force: bool = False, device: str | None = None,
+             num_train: int | None = None, num_val: int | None = None,
+             max_steps: int | None = None, progress: bool = True,
+             recipe_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the demo; returns the summary written to `out/demo.json`."""
+    from dabdetr.data.synthetic import dataset_matches, generate_dataset
+    from dabdetr.engine.train import TrainConfig, Trainer
+
+    started = time.time()
+    out = Path(out)
+    _check_out_dir(out, resume, force)
+    data = out / "data"
+    data_args = dict(DEMO_DATA)
+    if num_train is not None:
+        data_args["num_train"] = num_train
+    if num_val is not None:
+        data_args["num_val"] = num_val
+    if dataset_matches(data, **data_args):
+        logger.info("reusing the synthetic dataset in %s", data)
+    else:
+        generate_dataset(data, progress=progress, **data_args)
+    recipe = dict(DEMO_RECIPE)
+    if preset:
+        recipe["model"] = preset
+    recipe.update(recipe_overrides or {})
+    budget = minutes * 60 - (time.time() - started) - RESERVE_SECONDS
+    if budget <= 0 and max_steps is None:
+        raise DemoError(f"--minutes {minutes} leaves no time to train after data generation")
+    cfg = TrainConfig(data=str(data), out=str(out / "train"), epochs=10_000,
+                      time_limit=max(budget, 0.05 * 60) / 60, max_steps=max_steps, seed=seed,
+                      lr_drop=[], eval_every=1, backbone_weights=backbone_weights,
+                      num_workers=1, progress=progress, eval_batch_size=16, **recipe)
+    last = out / "train" / "last.pt"
+    trainer = Trainer(cfg, resume=str(last) if resume and last.exists() else None, device=device)
+    if resume and last.exists():
+        # a resumed demo gets a fresh time budget on top of the time already trained
+        cfg.time_limit = trainer.train_seconds / 60 + cfg.time_limit
+    summary = trainer.fit()
+    result = finish_demo(trainer, out, started, summary, backbone_weights, resume)
+    return result
+
+
+def finish_demo(trainer, out: Path, started: float, summary: dict[str, Any],
+                backbone_weights: str | None, resumed: bool) -> dict[str, Any]:
+    """Write the drawings, curves, metrics JSON and model; return the summary."""
+    import shutil
+
+    from dabdetr.weights.loading import save_model
+
+    model = trainer.eval_model()
+    draw_grid(model, trainer.val_set, out / "predictions.png", device=trainer.device)
+    curves = out / "train" / "curves.png"
+    if curves.exists():
+        shutil.copyfile(curves, out / "curves.png")
+    save_model(model, out / "model", extra={"train_config": trainer.cfg.to_dict()})
+    last = trainer.history[-1] if trainer.history else {}
+    result = {
+        "AP": last.get("AP"), "AP50": last.get("AP50"), "AP75": last.get("AP75"),
+        "train_minutes": summary["minutes"], "total_minutes": (time.time() - started) / 60,
+        "images_seen": summary["images_seen"], "steps": summary["steps"],
+        "started_from": (f"torchvision backbone weights {backbone_weights}" if backbone_weights
+                         else "random initialization (trained live from scratch)"),
+        "resumed": resumed,
+        "files": {"predictions": str(out / "predictions.png"), "curves": str(out / "curves.png"),
+                  "metrics": str(out / "demo.json"), "model": str(out / "model"),
+                  "checkpoint": str(out / "train" / "last.pt"),
+                  "log": str(out / "train" / "metrics.jsonl")},
+        "history": trainer.history,
+    }
+    (out / "demo.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def draw_grid(model, dataset, path: Path, device, count: int = 12, threshold: float = 0.4
+              ) -> None:
+    """Draw detections (score >= threshold) on the first `count` validation images."""
+    import torch
+
+    from dabdetr.postprocessing import postprocess
+    from dabdetr.visualize import draw_detections, image_grid, to_uint8_image
+
+    pictures = []
+    model.eval()
+    with torch.inference_mode():
+        for index in range(min(count, len(dataset))):
+            item = dataset[index]
+            if item is None:
+                continue
+            image, target = item
+            out = model(image[None].to(device))
+            h, w = image.shape[-2:]
+            res = postprocess(out, [[h, w]], num_select=100, threshold=threshold)[0]
+            labels = res["labels"].tolist()
+            names = [model.config.label_name(i) for i in labels]
+            pictures.append(draw_detections(to_uint8_image(image), res["boxes"], labels, names,
+                                            res["scores"], width=1).resize((w * 2, h * 2)))
+    image_grid(pictures, columns=4).save(path)
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train DAB-DETR from scratch on synthetic shapes, in minutes",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="demo_out", help="output directory")
+    p.add_argument("--minutes", type=float, default=10.0,
+                   help="total time budget, data generation and evaluation included")
+    p.add_argument("--preset", default=None, help=f"model preset (default {DEMO_RECIPE['model']})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone-weights", default=None,
+                   help="torchvision ResNet-18 state dict (ImageNet weights converge much faster)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--force", action="store_true", help="replace a previous run in --out")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--train-images", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--val-images", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    result = run_demo(args.out, args.minutes, args.preset, args.seed, args.backbone_weights,
+                      args.resume, args.force, args.device, args.train_images, args.val_images,
+                      args.max_steps, progress=not args.no_progress)
+    files = result["files"]
+    ap = result["AP"] if result["AP"] is not None else float("nan")
+    ap50 = result["AP50"] if result["AP50"] is not None else float("nan")
+    print(f"\nDAB-DETR demo: AP {ap:.3f}  AP50 {ap50:.3f} on {DEMO_DATA['num_val']} held-out "
+          f"synthetic images after {result['train_minutes']:.1f} min of training "
+          f"({result['images_seen']:,} images seen, {result['total_minutes']:.1f} min in all)")
+    print(f"started from: {result['started_from']}")
+    print(f"predictions: {files['predictions']}\ncurves:      {files['curves']}\n"
+          f"metrics:     {files['metrics']}\nmodel:       {files['model']}  (dabdetr predict "
+          f"IMAGES --weights {files['model']})")
+    return 0
