@@ -57,6 +57,11 @@ RECIPES = {
     "demo-layer4": _variant(model_overrides={"backbone_return_layer": "layer4"}),
     "demo-160px": _variant(image_size=160),
     "demo-clip0.1": _variant(clip_max_norm=0.1),
+    # candidate additions
+    "demo+dn": _variant(model_overrides={"dn_groups": 3}),
+    "demo+dn-b8": _variant(model_overrides={"dn_groups": 3}, batch_size=8),
+    "demo-b8": _variant(batch_size=8),
+    "demo+dn-lr2e-3": _variant(model_overrides={"dn_groups": 3}, lr=2e-3, lr_backbone=2e-3),
 }
 
 

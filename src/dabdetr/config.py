@@ -55,6 +55,11 @@ class DabDetrConfig:
     iter_update: bool = True  # iterative box refinement through the decoder
     inverse_sigmoid_eps: float = 1e-3  # 1e-3 upstream, 1e-5 in transformers
     aux_loss: bool = True
+    # Denoising queries (DN-DETR), training only: groups of noised ground-truth boxes fed to the
+    # decoder (0 = off). Adds a label embedding; inference is unchanged.
+    dn_groups: int = 0
+    dn_label_noise: float = 0.2
+    dn_box_noise: float = 0.4
     # Batching policy: upstream runs the backbone on the zero-padded batch, so convolutions near
     # the bottom/right edge see the padding and an image's detections depend on its batch mates.
     # True runs the backbone on each image's unpadded extent (same-size images together) and

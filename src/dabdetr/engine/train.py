@@ -378,7 +378,7 @@ class Trainer:
             ctx = self.ddp.no_sync() if not sync else _null()
             with ctx:
                 with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    outputs = self.ddp(batch.images, batch.mask)
+                    outputs = self.ddp(batch.images, batch.mask, batch.targets)
                     losses = self.criterion(outputs, batch.targets)
                     loss = self.criterion.weighted_total(losses)
                 finite = torch.isfinite(loss.detach()).to(torch.float32)
@@ -601,6 +601,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--focal-alpha", type=float, default=d.focal_alpha)
     p.add_argument("--match-repeat", type=int, default=d.match_repeat,
                    help="one-to-many: match each object k times on auxiliary layers")
+    p.add_argument("--dn-groups", type=int, default=0,
+                   help="denoising query groups (DN-DETR), training only; 0 = off")
+    p.add_argument("--dn-label-noise", type=float, default=0.2, help="label flip probability")
+    p.add_argument("--dn-box-noise", type=float, default=0.4, help="box noise scale")
     p.add_argument("--image-size", type=int, default=d.image_size,
                    help="max short side; 800 = official multi-scale recipe, smaller scales it")
     p.add_argument("--no-crop", action="store_true", help="disable the random-crop branch")
@@ -618,6 +622,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig()
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if hasattr(args, f.name)}
     values["model_overrides"] = parse_overrides(args.set)
+    if args.dn_groups:
+        values["model_overrides"].update(dn_groups=args.dn_groups,
+                                         dn_label_noise=args.dn_label_noise,
+                                         dn_box_noise=args.dn_box_noise)
     values["progress"] = not args.no_progress
     return dataclasses.replace(cfg, **values)
 

@@ -243,16 +243,26 @@ class SetCriterion(nn.Module):
     def dn_losses(
         self, outputs: DetectionOutput, targets: Targets, num_boxes: float
     ) -> dict[str, Tensor]:
-        """Denoising losses (DN-DETR) from `outputs.dn_outputs` and `outputs.dn_meta`.
-
-        Hook, not implemented yet: returns {} when denoising is off and refuses denoising
-        outputs rather than silently dropping their loss. The implementation will build the
-        indices from dn_meta, call `layer_losses` per layer, and name the results with a
-        `_dn` suffix (their weights must then be added to `weight_dict`).
-        """
-        if outputs.dn_outputs is None and outputs.dn_meta is None:
+        """Denoising losses (DN-DETR): every denoising query reconstructs the ground truth it
+        was made from (fixed assignment from `dn_meta`, no matching). Same terms and weights as
+        the matching part, named `loss_ce_dn`, ... and `loss_ce_dn_i` for auxiliary layer i;
+        normalized by num_boxes * groups. Empty when denoising is off."""
+        if outputs.dn_outputs is None or outputs.dn_meta is None:
             return {}
-        raise NotImplementedError("the denoising loss is not implemented yet")
+        from dabdetr.models.denoising import dn_match_indices
+
+        meta = outputs.dn_meta
+        indices = dn_match_indices(meta)
+        norm = num_boxes * meta["groups"]
+        dn = outputs.dn_outputs
+        layers = [("", dn), *((f"_{i}", a) for i, a in enumerate(dn.aux_outputs))]
+        losses: dict[str, Tensor] = {}
+        for suffix, pred in layers:
+            for name, value in self.layer_losses(pred, targets, indices, norm).items():
+                key = f"{name}_dn{suffix}"
+                losses[key] = value
+                self.weight_dict.setdefault(key, self.base_weight_dict[name])
+        return losses
 
 
 def _repeat_targets(targets: Targets, k: int) -> list[dict[str, Tensor]]:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from dabdetr.config import DabDetrConfig
 from dabdetr.models.backbone import Backbone
+from dabdetr.models.denoising import build_denoising_queries
 from dabdetr.models.outputs import DetectionOutput
 from dabdetr.models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSineHW
 from dabdetr.models.transformer import MLP, Transformer, inverse_sigmoid
@@ -117,6 +118,8 @@ class DabDetr(nn.Module):
             )
         else:
             self.bbox_embed = MLP(d, d, 4, 3)
+        # DN-DETR: content embedding of the (noised) labels of the denoising queries
+        self.label_enc = nn.Embedding(config.num_classes, d) if config.dn_groups > 0 else None
         self.reset_head_parameters()
 
     def reset_head_parameters(self) -> None:
@@ -147,12 +150,30 @@ class DabDetr(nn.Module):
         return (src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2),
                 feat_mask.flatten(1))
 
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> DetectionOutput:
+    def forward(self, images: Tensor, mask: Tensor | None = None,
+                targets: list[dict[str, Tensor]] | None = None) -> DetectionOutput:
+        """`targets` (normalized cxcywh `boxes`, `labels`) are only read in training with
+        denoising on (config.dn_groups > 0); they never change the matching queries' output."""
         src, pos, feat_mask = self.encode_image(images, mask)
         bbox_embed = self.bbox_embed if self.config.iter_update else None
+        dn = None
+        if self.training and self.label_enc is not None and targets is not None:
+            cfg = self.config
+            dn = build_denoising_queries(targets, self.label_enc, cfg.total_queries,
+                                         cfg.dn_groups, cfg.dn_label_noise, cfg.dn_box_noise,
+                                         cfg.inverse_sigmoid_eps)
+        if dn is None:
+            hs, references = self.transformer(src, feat_mask, pos, self.refpoint_embed.weight,
+                                              bbox_embed)
+            return self.heads(hs, references)
         hs, references = self.transformer(src, feat_mask, pos, self.refpoint_embed.weight,
-                                          bbox_embed)
-        return self.heads(hs, references)
+                                          bbox_embed, extra_queries=(dn.content, dn.anchors),
+                                          self_attn_mask=dn.attn_mask)
+        split = dn.content.shape[1]
+        out = self.heads(hs[:, :, split:], references[:, :, split:])
+        out.dn_outputs = self.heads(hs[:, :, :split], references[:, :, :split])
+        out.dn_meta = dn.meta
+        return out
 
     def heads(self, hs: Tensor, references: Tensor) -> DetectionOutput:
         """Class and box heads on every decoder layer.
