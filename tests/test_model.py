@@ -29,7 +29,7 @@ def test_batch_images_layout():
 def test_padded_batch_equals_single_images():
     model = DabDetr(tiny_config(pad_invariant=True)).eval()
     # perturb the frozen batch norms so padding would leak if the backbone saw it
-    for name, buf in model.backbone.named_buffers():
+    for buf in model.backbone.buffers():
         buf.add_(torch.rand_like(buf) * 0.1)
     imgs = _images()
     batch, mask = dabdetr.batch_images(imgs)

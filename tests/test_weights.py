@@ -150,3 +150,26 @@ def test_cli_convert_official_to_ours_and_hf(golden_dir, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(a(x).pred_logits, b(x).pred_logits)
     assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+
+
+def test_hf_keys_without_timm_wrapper_load(tmp_path):
+    """Older transformers files name the timm backbone without the `_backbone` wrapper."""
+    from safetensors.torch import load_file, save_file
+
+    model = DabDetr(tiny_config()).eval()
+    dabdetr.export_huggingface(model, tmp_path / "hf")
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    renamed = {k.replace("conv_encoder.model._backbone.", "conv_encoder.model."): v
+               for k, v in state.items()}
+    save_file(renamed, str(tmp_path / "hf" / "model.safetensors"))
+    loaded = dabdetr.load_model(tmp_path / "hf", inverse_sigmoid_eps=1e-3)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).pred_logits, model(x).pred_logits)
+
+
+def test_deformable_checkpoint_gets_a_clear_error(tmp_path):
+    torch.save({"model": {"input_proj.0.0.weight": torch.zeros(1)},
+                "args": argparse.Namespace(modelname="dab_deformable_detr")}, tmp_path / "d.pth")
+    with pytest.raises(ValueError, match="deformable"):
+        dabdetr.load_model(tmp_path / "d.pth")

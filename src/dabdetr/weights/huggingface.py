@@ -25,6 +25,8 @@ _ENC = "transformer.encoder.layers.{n}."
 _DEC = "transformer.decoder.layers.{n}."
 KEY_TABLE: list[tuple[str, str]] = [
     ("model.backbone.conv_encoder.model._backbone.{rest}", "backbone.body.{rest}"),
+    # files written without the TimmBackbone wrapper (plain timm model); import only
+    ("model.backbone.conv_encoder.model.{rest}", "backbone.body.{rest}"),
     ("model.query_refpoint_embeddings.weight", "refpoint_embed.weight"),
     ("model.input_projection.{rest}", "input_proj.{rest}"),
     ("model.patterns.weight", "transformer.patterns.weight"),
