@@ -312,3 +312,17 @@ def test_predict_api_errors(tmp_path: Path, model: dabdetr.DabDetr) -> None:
         dabdetr.predict([_noise((32, 32))])
     with pytest.raises(FileNotFoundError):
         dabdetr.predict([tmp_path / "missing.png"], model=model, size=64, max_size=96)
+
+
+def test_unavailable_cuda_device_is_a_clear_error(tmp_path, capsys):
+    import torch
+
+    from dabdetr.distributed import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu:7")
+    assert resolve_device(None).type == "cpu"

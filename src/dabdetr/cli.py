@@ -29,7 +29,6 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import torch
 
     from dabdetr.inference import Predictor, find_images, predict_files
     from dabdetr.visualize import draw_detections
@@ -39,7 +38,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not files:
         print(f"dabdetr predict: error: no images found in {args.inputs}", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from dabdetr.distributed import resolve_device
+
+    device = str(resolve_device(args.device))
     model = load_model(args.weights, device=device)
     predictor = Predictor(model, size=args.size, max_size=args.max_size,
                           num_select=args.num_select, threshold=args.threshold, device=device)

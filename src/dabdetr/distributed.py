@@ -34,15 +34,35 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def resolve_device(device: str | None = None) -> torch.device:
+    """The requested device, or CUDA when available, else the CPU; a clear error for a CUDA
+    device this machine does not have."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}: {err}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but no CUDA GPU is available; "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only "
+                             f"{torch.cuda.device_count()} GPU(s) exist")
+    return dev
+
+
 def init_from_env(device: str | None = None) -> torch.device:
     """Initialize the default process group from torchrun's environment, if present.
 
     Uses nccl when the run is on CUDA, gloo otherwise. Returns the device this process should
     use (cuda:LOCAL_RANK under torchrun on GPUs, else the requested or CPU device).
     """
-    want_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    resolved = resolve_device(device)
+    want_cuda = resolved.type == "cuda"
     if not launched_by_torchrun():
-        return torch.device(device or ("cuda" if want_cuda else "cpu"))
+        return resolved
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if want_cuda:
         torch.cuda.set_device(local_rank)
