@@ -184,3 +184,31 @@ def test_postprocess_threshold_and_shapes():
     assert (kept[0]["scores"] >= cut).all() and len(kept[0]["scores"]) >= 5
     with pytest.raises(ValueError, match="target_sizes"):
         dabdetr.postprocess(out, [[100, 200]])
+
+
+def test_query_attention_maps():
+    from dabdetr.visualize import query_attention
+
+    model = DabDetr(tiny_config()).eval()
+    batch, mask = dabdetr.batch_images([torch.randn(3, 64, 96), torch.randn(3, 48, 64)])
+    out, maps = query_attention(model, batch, mask)
+    assert maps.shape == (2, 8, 2, 3)  # stride 32 on a 64 x 96 padded batch
+    torch.testing.assert_close(maps.sum(dim=(2, 3)), torch.ones(2, 8))
+    assert maps[1, :, :, 2:].abs().sum() == 0  # the 64 px wide image's padded column
+    with torch.no_grad():
+        torch.testing.assert_close(out.pred_boxes, model(batch, mask).pred_boxes)
+
+
+def test_predict_cli_explain_writes_attention_grid(tmp_path):
+    from PIL import Image
+
+    from dabdetr.cli import main
+
+    model = DabDetr(tiny_config()).eval()
+    dabdetr.save_model(model, tmp_path / "w")
+    Image.new("RGB", (80, 60), "gray").save(tmp_path / "img.png")
+    code = main(["predict", str(tmp_path / "img.png"), "--weights", str(tmp_path / "w"),
+                 "--out", str(tmp_path / "out"), "--explain", "3", "--size", "64"])
+    assert code == 0
+    with Image.open(tmp_path / "out" / "images" / "img_attention.jpg") as grid:
+        assert grid.width > 3 * 80

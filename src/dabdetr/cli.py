@@ -25,6 +25,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-size", type=int, default=1333, help="cap on the long side")
     p.add_argument("--num-select", type=int, default=300, help="top-k before the threshold")
     p.add_argument("--no-draw", action="store_true", help="do not write images with boxes drawn")
+    p.add_argument("--explain", type=int, default=0, metavar="K",
+                   help="also draw the decoder cross-attention of the K best detections' queries")
     p.set_defaults(func=cmd_predict)
 
 
@@ -58,6 +60,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         used_names.add(name)
         draw_detections(img, det.boxes, det.labels.tolist(), det.names, det.scores).save(
             vis_dir / f"{name}.jpg", quality=92)
+        if args.explain > 0:
+            explain_image(model, predictor, img, args.explain).save(
+                vis_dir / f"{name}_attention.jpg", quality=92)
 
     report = predict_files(files, predictor, on_result=save_drawing)
     results, images = [], []
@@ -77,6 +82,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
               f"(see {out / 'failed.json'})", file=sys.stderr)
         return 1
     return 0
+
+
+def explain_image(model, predictor, img, top_k: int):
+    """A grid: for each of the top-k (query, class) pairs, the query's cross-attention map."""
+    import torch
+
+    from dabdetr.data.batching import batch_images
+    from dabdetr.postprocessing import postprocess
+    from dabdetr.visualize import draw_attention, image_grid, query_attention
+
+    tensor = predictor.transform(img).to(predictor.device)
+    images, mask = batch_images([tensor])
+    outputs, maps = query_attention(model, images, mask)
+    scores = outputs.pred_logits[0].sigmoid()
+    num_classes = scores.shape[-1]
+    best = torch.topk(scores.flatten(), min(top_k, scores.numel())).indices
+    res = postprocess(outputs, [(img.height, img.width)], num_select=len(best))[0]
+    tiles = []
+    for i, flat in enumerate(best.tolist()):
+        query = flat // num_classes
+        caption = f"q{query} {model.config.label_name(flat % num_classes)} {float(res['scores'][i]):.2f}"
+        tiles.append(draw_attention(img, maps[0, query], res["boxes"][i], caption))
+    return image_grid(tiles, columns=min(4, len(tiles)))
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:

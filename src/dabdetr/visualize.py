@@ -56,3 +56,63 @@ def to_uint8_image(normalized: Tensor, mean=(0.485, 0.456, 0.406),
     m = torch.tensor(mean, device=normalized.device)[:, None, None]
     s = torch.tensor(std, device=normalized.device)[:, None, None]
     return ((normalized * s + m).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+@torch.no_grad()
+def query_attention(model, images: Tensor, mask: Tensor | None = None, layer: int = -1):
+    """What each query looks at: the decoder cross-attention of one layer.
+
+    Args:
+        model: a DabDetr in eval mode. images: [B, 3, H, W]; mask: [B, H, W] bool or None.
+        layer: decoder layer index (default: the last).
+    Returns:
+        (outputs, maps): the model's DetectionOutput and maps [B, N, h, w] float, the softmax
+        attention weights of every query over the feature cells (h, w), averaged over heads;
+        each map sums to 1 over the image's valid cells.
+    """
+    captured: dict = {}
+
+    def on_attention(module, args, output):
+        q, k, _, attn_mask = args  # (B, nh, N, e), (B, nh, S, e), ..., (B, 1, 1, S) or None
+        logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        if attn_mask is not None:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        captured["attn"] = logits.softmax(-1).mean(1)  # (B, N, S)
+
+    def on_backbone(module, args, output):
+        captured["hw"] = tuple(output[0].shape[-2:])
+
+    hooks = [model.transformer.decoder.layers[layer].cross_attn.register_forward_hook(on_attention),
+             model.backbone.register_forward_hook(on_backbone)]
+    try:
+        outputs = model(images, mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    attn = captured["attn"]
+    h, w = captured["hw"]
+    return outputs, attn.view(attn.shape[0], attn.shape[1], h, w)
+
+
+def draw_attention(image: Image.Image, attention: Tensor, box: Tensor | None = None,
+                   caption: str = "") -> Image.Image:
+    """Overlay one query's attention map [h, w] (upsampled) on the image, with its box."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import colormaps
+
+    # the feature map covers the image rounded up to the stride: crop it back to the image
+    width, height = image.size
+    amap = attention.float().cpu()
+    amap = (amap / amap.max().clamp(min=1e-12)).numpy()
+    heat = Image.fromarray((colormaps["inferno"](amap)[..., :3] * 255).astype("uint8"))
+    stride_h = height / amap.shape[0]
+    stride_w = width / amap.shape[1]
+    stride = max(stride_h, stride_w)
+    heat = heat.resize((round(amap.shape[1] * stride), round(amap.shape[0] * stride)),
+                       Image.BILINEAR).crop((0, 0, width, height))
+    blended = Image.blend(image.convert("RGB"), heat, 0.55)
+    if box is None:
+        return blended
+    return draw_detections(blended, box[None], [0], [caption], width=2)
