@@ -106,7 +106,7 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
     # batch statistics would differ per process (as in any DDP run without SyncBatchNorm)
     overrides = dict(TINY, pad_invariant=True, backbone_norm="frozen")
     common = dict(max_steps=3, epochs=1000, deterministic=True, eval_every=1,
-                  model_overrides=overrides, eval_batch_size=3)
+                  model_overrides=overrides, eval_batch_size=3, no_multi_scale=True)
     single = Trainer(tiny_cfg(data_dir, tmp_path / "one", batch_size=4, **common))
     single.fit()
     ddp_cfg = tiny_cfg(data_dir, tmp_path / "two", batch_size=2, **common)

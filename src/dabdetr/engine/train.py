@@ -87,6 +87,7 @@ class TrainConfig:
     image_size: int = 800
     no_crop: bool = False
     no_flip: bool = False
+    no_multi_scale: bool = False  # train at the single scale image_size (fixed input sizes)
     eval_every: int = 1  # epochs
     eval_batch_size: int = 2
     num_select: int = 300
@@ -97,6 +98,9 @@ class TrainConfig:
         recipe = scaled_recipe(self.image_size)
         if self.no_crop:
             recipe = dataclasses.replace(recipe, crop_resize=None)
+        if self.no_multi_scale:
+            recipe = dataclasses.replace(recipe, scales=(recipe.eval_size,),
+                                         max_size=recipe.eval_max_size)
         return recipe
 
     def to_dict(self) -> dict[str, Any]:
@@ -609,6 +613,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="max short side; 800 = official multi-scale recipe, smaller scales it")
     p.add_argument("--no-crop", action="store_true", help="disable the random-crop branch")
     p.add_argument("--no-flip", action="store_true", help="disable horizontal flips")
+    p.add_argument("--no-multi-scale", action="store_true",
+                   help="train at the single short side --image-size")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument("--num-select", type=int, default=d.num_select)
