@@ -27,11 +27,6 @@ DEMO_RECIPE: dict[str, Any] = {
     "no_crop": True,
     "match_repeat": 3,  # one-to-many matching on the auxiliary decoder layers
 }
-# When the live recipe alone cannot reach the target in the time budget on a 2-core CPU (see
-# benchmarks/RESULTS.md), the demo starts from this checkpoint, trained by `dabdetr train` on
-# the same synthetic benchmark (command and log in benchmarks/RESULTS.md), and fine-tunes it live.
-DEMO_START = Path(__file__).resolve().parent / "assets" / "demo-start"
-DEMO_FINETUNE: dict[str, Any] = {"lr": 1e-4, "lr_backbone": 1e-4, "warmup_steps": 0}
 DEMO_DATA = {"num_train": 4000, "num_val": 200, "seed": 12345, "difficulty": "standard",
              "image_size": 128}
 RESERVE_SECONDS = 45  # final evaluation, drawing and saving
@@ -69,14 +64,8 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
              resume: bool = False, force: bool = False, device: str | None = None,
              num_train: int | None = None, num_val: int | None = None,
              max_steps: int | None = None, progress: bool = True,
-             recipe_overrides: dict[str, Any] | None = None, from_scratch: bool = False
-             ) -> dict[str, Any]:
-    """Run the demo; returns the summary written to `out/demo.json`.
-
-    By default (default preset, no backbone weights) training starts from the committed
-    checkpoint DEMO_START and fine-tunes it live; `from_scratch=True` trains from random
-    initialization with the fast-convergence recipe.
-    """
+             recipe_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the demo; returns the summary written to `out/demo.json`."""
     from dabdetr.data.synthetic import dataset_matches, generate_dataset
     from dabdetr.engine.train import TrainConfig, Trainer
 
@@ -96,12 +85,6 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
     recipe = dict(DEMO_RECIPE)
     if preset:
         recipe["model"] = preset
-    start = None
-    if (not from_scratch and not backbone_weights and recipe["model"] == DEMO_RECIPE["model"]
-            and (DEMO_START / "model.safetensors").is_file()):
-        start = DEMO_START
-        recipe.update(DEMO_FINETUNE)
-        recipe["model_overrides"] = dict(recipe["model_overrides"], **_start_overrides())
     recipe.update(recipe_overrides or {})
     budget = minutes * 60 - (time.time() - started) - RESERVE_SECONDS
     if budget <= 0 and max_steps is None:
@@ -109,26 +92,18 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
     cfg = TrainConfig(data=str(data), out=str(out / "train"), epochs=10_000,
                       time_limit=max(budget, 0.05 * 60) / 60, max_steps=max_steps, seed=seed,
                       lr_drop=[], eval_every=1, backbone_weights=backbone_weights,
-                      num_workers=1, progress=progress, eval_batch_size=16,
-                      weights=str(start) if start else None, **recipe)
+                      num_workers=1, progress=progress, eval_batch_size=16, **recipe)
     last = out / "train" / "last.pt"
     trainer = Trainer(cfg, resume=str(last) if resume and last.exists() else None, device=device)
     if resume and last.exists():
         # a resumed demo gets a fresh time budget on top of the time already trained
         cfg.time_limit = trainer.train_seconds / 60 + cfg.time_limit
     summary = trainer.fit()
-    return finish_demo(trainer, out, started, summary, backbone_weights, resume, start)
-
-
-def _start_overrides() -> dict[str, Any]:
-    """Model settings of the committed checkpoint that the demo preset must match."""
-    doc = json.loads((DEMO_START / "config.json").read_text())["config"]
-    return {k: doc[k] for k in ("dn_groups", "dn_label_noise", "dn_box_noise") if k in doc}
+    return finish_demo(trainer, out, started, summary, backbone_weights, resume)
 
 
 def finish_demo(trainer, out: Path, started: float, summary: dict[str, Any],
-                backbone_weights: str | None, resumed: bool, start: Path | None = None
-                ) -> dict[str, Any]:
+                backbone_weights: str | None, resumed: bool) -> dict[str, Any]:
     """Write the drawings, curves, metrics JSON and model; return the summary."""
     import shutil
 
@@ -145,11 +120,8 @@ def finish_demo(trainer, out: Path, started: float, summary: dict[str, Any],
         "AP": last.get("AP"), "AP50": last.get("AP50"), "AP75": last.get("AP75"),
         "train_minutes": summary["minutes"], "total_minutes": (time.time() - started) / 60,
         "images_seen": summary["images_seen"], "steps": summary["steps"],
-        "started_from": (
-            f"the committed checkpoint {start} (made by `dabdetr train` on this benchmark, see "
-            "benchmarks/RESULTS.md), fine-tuned live" if start else
-            f"torchvision backbone weights {backbone_weights}" if backbone_weights
-            else "random initialization (trained live from scratch)"),
+        "started_from": (f"torchvision backbone weights {backbone_weights}" if backbone_weights
+                         else "random initialization (trained live from scratch)"),
         "resumed": resumed,
         "files": {"predictions": str(out / "predictions.png"), "curves": str(out / "curves.png"),
                   "metrics": str(out / "demo.json"), "model": str(out / "model"),
@@ -197,8 +169,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone-weights", default=None,
                    help="torchvision ResNet-18 state dict (ImageNet weights converge much faster)")
-    p.add_argument("--from-scratch", action="store_true",
-                   help="train from random initialization instead of the committed checkpoint")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--force", action="store_true", help="replace a previous run in --out")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -212,8 +182,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(args.out, args.minutes, args.preset, args.seed, args.backbone_weights,
                       args.resume, args.force, args.device, args.train_images, args.val_images,
-                      args.max_steps, progress=not args.no_progress,
-                      from_scratch=args.from_scratch)
+                      args.max_steps, progress=not args.no_progress)
     files = result["files"]
     ap = result["AP"] if result["AP"] is not None else float("nan")
     ap50 = result["AP50"] if result["AP50"] is not None else float("nan")
