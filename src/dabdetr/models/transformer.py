@@ -76,8 +76,15 @@ class AttentionOutput(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         p = self.dropout if self.training else 0.0
+        value_dim = v.shape[-1]
+        if value_dim < q.shape[-1]:
+            # The fused (flash) SDPA kernels need value heads as wide as the query heads; with
+            # narrower ones torch falls back to its unfused path (materialized scores, NaN
+            # guards), ~2x slower on CPU. Zero columns in v give zero output columns, and the
+            # scale stays 1/sqrt(e) (it depends on q only): same result, dropped below.
+            v = F.pad(v, (0, q.shape[-1] - value_dim))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return self.out_proj(_merge_heads(out))
+        return self.out_proj(_merge_heads(out[..., :value_dim]))
 
 
 class PackedSelfAttention(AttentionOutput):

@@ -1,0 +1,187 @@
+"""One training step of dabdetr vs transformers' DabDetrForObjectDetection, same weights.
+
+A step is: zero_grad, forward, set loss with auxiliary (per decoder layer) terms, backward,
+gradient clipping at 0.1, AdamW step (lr 1e-4, backbone 1e-5, weight decay 1e-4) — the
+published recipe. Ours uses SetCriterion (HungarianMatcher, focal + L1 + GIoU); transformers
+computes its own loss from `labels` (auxiliary_loss=True). transformers is run twice: as
+shipped ("transformers", which trains its whole backbone) and restricted to the parameters
+ours trains ("transformers-frozen": backbone layer2..layer4; upstream freezes the stem and
+layer1). Steps alternate between the models; peak memory is measured per side in a fresh child
+process (after one warm-up step, which creates the optimizer state).
+
+    python benchmarks/bench_train.py                       # R50, batch 2 at 512x512, CPU
+    python benchmarks/bench_train.py --device cuda --amp   # bf16 autocast
+    python benchmarks/bench_train.py --tiny                # CI smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+from dabdetr import DabDetrConfig  # noqa: E402
+
+# "transformers" trains what DabDetrForObjectDetection trains as shipped: its whole backbone.
+# "transformers-frozen" trains the same parameters as ours (the recipe: stem and layer1 frozen).
+SIDES = ("transformers", "transformers-frozen", "ours")
+LR, BACKBONE_LR, WEIGHT_DECAY, CLIP = 1e-4, 1e-5, 1e-4, 0.1
+
+
+def make_batch(batch: int, size: tuple[int, int], device: str, seed: int = 0):
+    """Images [B, 3, H, W], mask [B, H, W] (no padding) and B target dicts with normalized
+    cxcywh `boxes` and `labels` in 1..90 (COCO category ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = size
+    images = torch.randn(batch, 3, h, w, generator=gen).to(device)
+    mask = torch.zeros(batch, h, w, dtype=torch.bool, device=device)
+    targets = []
+    for i in range(batch):
+        n = 3 + 4 * i
+        centers = torch.rand(n, 2, generator=gen) * 0.6 + 0.2
+        sizes = torch.rand(n, 2, generator=gen) * 0.3 + 0.05
+        boxes = torch.cat([centers, sizes], dim=1).to(device)
+        labels = torch.randint(1, 91, (n,), generator=gen).to(device)
+        targets.append({"boxes": boxes, "labels": labels})
+    return images, mask, targets
+
+
+def _optimizer(model: torch.nn.Module, backbone_prefix: str) -> torch.optim.AdamW:
+    backbone = [p for n, p in model.named_parameters()
+                if p.requires_grad and n.startswith(backbone_prefix)]
+    rest = [p for n, p in model.named_parameters()
+            if p.requires_grad and not n.startswith(backbone_prefix)]
+    return torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": BACKBONE_LR}],
+                             lr=LR, weight_decay=WEIGHT_DECAY)
+
+
+def build_side(side: str, weights: Path, device: str, amp: bool, batch_data):
+    """(step function returning the loss, number of trainable parameters) for one side."""
+    images, mask, targets = batch_data
+    autocast = (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+                if amp else contextlib.nullcontext())
+    if side.startswith("transformers"):
+        model = _common.load_transformers(weights, device).train()
+        if side == "transformers-frozen":  # train layer2..4 of the backbone, like ours
+            for name, p in model.model.backbone.named_parameters():
+                if not any(f"layer{i}." in name for i in (2, 3, 4)):
+                    p.requires_grad_(False)
+        optimizer = _optimizer(model, "model.backbone.")
+        labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+        pixel_mask = (~mask).long()
+
+        def loss_fn():
+            return model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss
+    else:
+        import dabdetr
+        from dabdetr.models.criterion import SetCriterion
+
+        model = dabdetr.load_model(weights, device=device).train()
+        criterion = SetCriterion(model.config.num_classes)
+        optimizer = _optimizer(model, "backbone.")
+
+        def loss_fn():
+            return criterion.weighted_total(criterion(model(images, mask), targets))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        optimizer.step()
+        return loss.detach()
+
+    return step, sum(p.numel() for p in params)
+
+
+def child_memory(args: argparse.Namespace, batch_data) -> None:
+    device = args.device
+    before = _common.resident_mib(device)
+    step, _ = build_side(args.child_side, Path(args.child_weights), device, args.amp, batch_data)
+    model_mib = _common.resident_mib(device) - before
+    step()  # creates AdamW's state
+    with _common.PeakMemory(device) as peak:
+        step()
+    print(json.dumps({"model_mib": model_mib, "peak_mib": peak.mib, "exact": peak.exact}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=lambda s: tuple(int(v) for v in s.split("x")),
+                        default=None, help="HxW (default 512x512)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA, or CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure peak memory in child processes (default: on, off with --tiny)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke test: ResNet-18, 2+2 layers, 128x128, 1 rep")
+    parser.add_argument("--child-side", help=argparse.SUPPRESS)
+    parser.add_argument("--child-weights", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = args.size or ((128, 128) if args.tiny else (512, 512))
+    batch_data = make_batch(args.batch, size, args.device)
+    if args.child_side:
+        child_memory(args, batch_data)
+        return
+    warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 1)
+    reps = args.reps if args.reps is not None else (1 if args.tiny else 3)
+    memory = args.memory if args.memory is not None else not args.tiny
+    device = args.device
+
+    config = (_common.tiny_config() if args.tiny else DabDetrConfig(inverse_sigmoid_eps=1e-5))
+    name = "tiny R18" if args.tiny else "DAB-DETR-R50"
+    precision = "bf16 autocast" if args.amp else "fp32"
+    print(f"# {name} training step, batch {args.batch} at {size[0]}x{size[1]}, {precision}, "
+          f"{device}")
+    print(f"# {_common.machine_info(device)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = _common.export_for_transformers(_common.random_model(config), Path(tmp) / "hf")
+        steps, counts, first_loss = {}, {}, {}
+        for side in SIDES:
+            steps[side], counts[side] = build_side(side, weights, device, args.amp, batch_data)
+        print("# trainable parameters: " + ", ".join(f"{s} {counts[s]:,}" for s in SIDES))
+        for side in SIDES:  # the first step doubles as a warm-up round
+            first_loss[side] = steps[side]().item()
+        print("# first-step loss (each library's own weighting): "
+              + ", ".join(f"{s} {first_loss[s]:.4f}" for s in SIDES))
+        times = _common.interleaved(steps, max(warmup - 1, 0), reps, device)
+        print(f"\n## {reps} interleaved steps")
+        print(f"  {'side':<24} {'best ms':>9} {'median ms':>9}")
+        for side in SIDES:
+            print(_common.time_row(side, times[side]))
+        for side in SIDES[:-1]:
+            print(_common.ratio_line(f"{side}/ours", times[side], times["ours"]))
+        if memory:
+            threads = torch.get_num_threads()
+            extra = ["--amp"] if args.amp else []
+            results = {
+                side: _common.run_child(__file__, [
+                    "--child-side", side, "--child-weights", str(weights), "--device", device,
+                    "--batch", str(args.batch), "--size", f"{size[0]}x{size[1]}",
+                    "--threads", str(threads), *extra,
+                ], threads)
+                for side in SIDES
+            }
+            print("  peak memory of one step (fresh process per side, after a warm-up step):")
+            print("\n".join(_common.memory_lines(results)))
+
+
+if __name__ == "__main__":
+    main()

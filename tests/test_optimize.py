@@ -1,0 +1,170 @@
+"""optimize_for_inference and the folded backbone compute what the plain modules compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _util import tiny_config
+from torch import nn
+
+import dabdetr
+from dabdetr import optimize
+from dabdetr.models import backbone as backbone_module
+from dabdetr.optimize import FusedResNet, optimize_for_inference
+
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second thread only adds synchronization (and stalls on a busy host)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _perturbed(config) -> dabdetr.DabDetr:
+    """Random weights with non-trivial frozen batch-norm statistics."""
+    model = dabdetr.DabDetr(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        for name, buf in model.named_buffers():
+            if name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5)
+            elif buf.is_floating_point():
+                buf.add_(torch.randn_like(buf) * 0.1)
+    return model
+
+
+def _padded_batch():
+    return dabdetr.batch_images([torch.randn(3, 96, 128), torch.randn(3, 64, 100)])
+
+
+def _assert_same(a, b, tol=TOL):
+    torch.testing.assert_close(a.pred_logits, b.pred_logits, atol=tol, rtol=0)
+    torch.testing.assert_close(a.pred_boxes, b.pred_boxes, atol=tol, rtol=0)
+    for x, y in zip(a.aux_outputs, b.aux_outputs, strict=True):
+        torch.testing.assert_close(x.pred_logits, y.pred_logits, atol=tol, rtol=0)
+
+
+def _unfolded(model: dabdetr.DabDetr, images, mask, monkeypatch):
+    """The reference: the backbone body's own modules (no folding), then the rest."""
+    with monkeypatch.context() as patch:
+        patch.setattr(backbone_module, "_foldable", lambda body: False)
+        return model(images, mask)
+
+
+def _assert_close_scaled(a, b, tol):
+    """max |a - b| <= tol * max |b|: feature maps of random ResNets reach large values."""
+    assert (a - b).abs().max() <= tol * b.abs().max()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"backbone": "resnet50"}, {"dilation": True}, {"pad_invariant": True},
+     {"backbone_norm": "batch"}],
+    ids=["r18", "r50", "dc5", "pad_invariant", "batchnorm"],
+)
+def test_optimized_equals_plain(overrides, monkeypatch):
+    model = _perturbed(tiny_config(**overrides))
+    fast = optimize_for_inference(model)
+    assert isinstance(fast.backbone.body, FusedResNet)
+    images, mask = _padded_batch()
+    with torch.inference_mode():
+        _assert_same(fast(images, mask), model(images, mask))
+        _assert_same(fast(images[:1], mask[:1]), model(images[:1], mask[:1]))
+        _assert_same(fast(images, None), _unfolded(model, images, None, monkeypatch))
+
+
+def test_fallback_convolutions_match(monkeypatch):
+    """The F.conv2d path (CUDA, CPU builds without oneDNN) gives the same outputs."""
+    model = _perturbed(tiny_config(backbone="resnet50"))
+    fast = optimize_for_inference(model)
+    images, mask = _padded_batch()
+    with torch.inference_mode():
+        expected = fast(images, mask)
+        monkeypatch.setattr(optimize, "_MKLDNN", False)
+        _assert_same(fast(images, mask), expected)
+
+
+def test_tiny_feature_map():
+    """A 32x32 image gives a 1x1 feature map, where NCHW and NHWC strides coincide."""
+    model = _perturbed(tiny_config())
+    fast = optimize_for_inference(model)
+    images = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        _assert_same(fast(images), model(images))
+
+
+def test_original_not_mutated_unless_inplace():
+    model = _perturbed(tiny_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    body = model.backbone.body
+    fast = optimize_for_inference(model)
+    assert fast is not model and model.backbone.body is body
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.requires_grad for p in model.transformer.parameters())
+    assert not any(p.requires_grad for p in fast.parameters())
+
+    same = optimize_for_inference(model, inplace=True)
+    assert same is model and isinstance(model.backbone.body, FusedResNet)
+
+
+def test_input_not_mutated():
+    fast = optimize_for_inference(_perturbed(tiny_config()))
+    images, mask = _padded_batch()
+    copy = images.clone()
+    with torch.inference_mode():
+        fast(images, mask)
+    assert torch.equal(images, copy)
+
+
+def test_int8_runs_and_stays_close():
+    model = _perturbed(tiny_config())
+    quantized = optimize_for_inference(model, quantize="int8")
+    images, mask = _padded_batch()
+    with torch.inference_mode():
+        ref, out = model(images, mask), quantized(images, mask)
+    # dynamic int8 is approximate: documented as ~1e-2 on logits
+    assert (out.pred_logits - ref.pred_logits).abs().max() < 0.2
+    assert (out.pred_boxes - ref.pred_boxes).abs().max() < 0.05
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="DabDetr"):
+        optimize_for_inference(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="quantize"):
+        optimize_for_inference(dabdetr.DabDetr(tiny_config()), quantize="int4")
+    with pytest.raises(TypeError, match="ResNet body"):
+        FusedResNet(nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
+def test_folded_backbone_matches_modules_in_training():
+    """Backbone.run_body folds the frozen norms: same features and same gradients as the
+    body's own modules."""
+    model = _perturbed(tiny_config(backbone="resnet50")).train()
+    backbone = model.backbone
+    images = torch.randn(2, 3, 64, 96)
+    folded = backbone.run_body(images)
+    folded.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.requires_grad}
+    backbone.zero_grad(set_to_none=True)
+    plain = backbone.body(images)
+    plain.square().mean().backward()
+    _assert_close_scaled(folded, plain, 1e-5)
+    assert grads
+    for name, param in backbone.named_parameters():
+        if param.requires_grad:
+            _assert_close_scaled(grads[name], param.grad, 1e-4)
+
+
+def test_trainable_batch_norm_is_not_folded():
+    model = dabdetr.DabDetr(tiny_config(backbone_norm="batch")).train()
+    images = torch.randn(2, 3, 64, 64)
+    stats = model.backbone.body.bn1.running_mean.clone()
+    model.backbone.run_body(images)
+    # batch statistics were used and the running mean updated, as nn.BatchNorm2d does
+    assert not torch.equal(stats, model.backbone.body.bn1.running_mean)
