@@ -133,9 +133,11 @@ def finish_demo(trainer, out: Path, started: float, summary: dict[str, Any],
     return result
 
 
-def draw_grid(model, dataset, path: Path, device, count: int = 12, threshold: float = 0.4
-              ) -> None:
-    """Draw detections (score >= threshold) on the first `count` validation images."""
+def draw_grid(model, dataset, path: Path, device, count: int = 12, threshold: float = 0.4,
+              at_least: int = 3) -> None:
+    """Draw detections on the first `count` validation images: every box scoring >= threshold,
+    and at least the `at_least` best ones (with their scores), so a model that is not yet
+    confident still shows what it predicts."""
     import torch
 
     from dabdetr.postprocessing import postprocess
@@ -148,14 +150,16 @@ def draw_grid(model, dataset, path: Path, device, count: int = 12, threshold: fl
             item = dataset[index]
             if item is None:
                 continue
-            image, target = item
+            image, _ = item
             out = model(image[None].to(device))
             h, w = image.shape[-2:]
-            res = postprocess(out, [[h, w]], num_select=100, threshold=threshold)[0]
-            labels = res["labels"].tolist()
+            res = postprocess(out, [[h, w]], num_select=100)[0]
+            keep = max(int((res["scores"] >= threshold).sum()), at_least)
+            labels = res["labels"][:keep].tolist()
             names = [model.config.label_name(i) for i in labels]
-            pictures.append(draw_detections(to_uint8_image(image), res["boxes"], labels, names,
-                                            res["scores"], width=1).resize((w * 2, h * 2)))
+            drawn = draw_detections(to_uint8_image(image), res["boxes"][:keep], labels, names,
+                                    res["scores"][:keep], width=1)
+            pictures.append(drawn.resize((w * 2, h * 2)))
     image_grid(pictures, columns=4).save(path)
 
 
