@@ -431,7 +431,8 @@ class Trainer:
         while self.epoch < cfg.epochs and not stopped_early:
             loader = self._loader()
             bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch // cfg.accumulate,
-                       desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="step",
+                       desc=f"epoch {self.epoch + 1}" + (f"/{cfg.epochs}" if cfg.epochs < 10_000
+                                                         else ""), unit="step",
                        disable=not (cfg.progress and dist.is_main_process()))
             pending: list = []
             running: dict[str, float] = {}
