@@ -326,3 +326,22 @@ def test_unavailable_cuda_device_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown device"):
         resolve_device("tpu:7")
     assert resolve_device(None).type == "cpu"
+
+
+def test_output_folder_inside_input_is_not_reread(tmp_path):
+    from PIL import Image
+
+    import dabdetr
+    from dabdetr.cli import main
+    from dabdetr.models.dab_detr import DabDetr
+
+    dabdetr.save_model(DabDetr(tiny_config()), tmp_path / "w")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (64, 48), "gray").save(photos / "a.png")
+    args = ["predict", str(photos), "--weights", str(tmp_path / "w"), "--out",
+            str(photos / "preds"), "--size", "64", "--device", "cpu"]
+    assert main(args) == 0
+    assert main(args) == 0  # the second run must not detect on the first run's drawings
+    images = json.loads((photos / "preds" / "images.json").read_text())
+    assert [Path(i["file_name"]).name for i in images] == ["a.png"]

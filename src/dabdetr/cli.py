@@ -37,7 +37,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from dabdetr.visualize import draw_detections
     from dabdetr.weights.loading import load_model
 
-    files = find_images(args.inputs)
+    out_dir = Path(args.out).resolve()
+    # never feed our own drawings back in when --out sits inside an input folder
+    files = [f for f in find_images(args.inputs) if out_dir not in f.resolve().parents]
     if not files:
         print(f"dabdetr predict: error: no images found in {args.inputs}", file=sys.stderr)
         return 2
