@@ -8,6 +8,7 @@ growth during the measured call, from /proc; CUDA: torch.cuda.max_memory_allocat
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import importlib.metadata
@@ -28,6 +29,17 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 from dabdetr import DabDetr, DabDetrConfig
+
+
+def add_child_arguments(parser, tiny_size: str) -> None:
+    """Options every benchmark script shares: memory mode, the --tiny smoke test and the
+    hidden arguments of the per-side child processes."""
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure peak memory in child processes (default: on, off with --tiny)")
+    parser.add_argument("--tiny", action="store_true",
+                        help=f"smoke test: ResNet-18, 2+2 layers, {tiny_size}, 1 rep")
+    parser.add_argument("--child-side", help=argparse.SUPPRESS)
+    parser.add_argument("--child-weights", help=argparse.SUPPRESS)
 
 
 def tiny_config(**overrides) -> DabDetrConfig:

@@ -94,12 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--int8", action="store_true",
                         help="also time ours with dynamic int8 Linear layers (CPU)")
-    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
-                        help="measure peak memory in child processes (default: on, off with --tiny)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="smoke test: ResNet-18, 2+2 layers, 128x160, 1 rep")
-    parser.add_argument("--child-side", help=argparse.SUPPRESS)
-    parser.add_argument("--child-weights", help=argparse.SUPPRESS)
+    _common.add_child_arguments(parser, tiny_size="128x160")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

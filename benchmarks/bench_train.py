@@ -126,12 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
-                        help="measure peak memory in child processes (default: on, off with --tiny)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="smoke test: ResNet-18, 2+2 layers, 128x128, 1 rep")
-    parser.add_argument("--child-side", help=argparse.SUPPRESS)
-    parser.add_argument("--child-weights", help=argparse.SUPPRESS)
+    _common.add_child_arguments(parser, tiny_size="128x128")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,6 +8,7 @@ environment through `dabdetr.distributed`; the model never asks for its rank.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -266,7 +267,7 @@ class Trainer:
                                       match_repeat_layers=repeat_layers)
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = EpochSampler(len(self.train_set), True, cfg.seed, self.rank, self.world)
-        self.seeded = SeededAugmentation(self.train_set, cfg.seed + 7919 * 0)
+        self.seeded = SeededAugmentation(self.train_set, cfg.seed)
         self.steps_per_epoch = max(1, -(-len(self.sampler) // (cfg.batch_size * cfg.accumulate)))
         drops = [e * self.steps_per_epoch for e in cfg.lr_drop]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -379,7 +380,7 @@ class Trainer:
         for i, batch in enumerate(batches):
             batch = batch.to(self.device, non_blocking=True)
             sync = i == len(batches) - 1 or not isinstance(self.ddp, DistributedDataParallel)
-            ctx = self.ddp.no_sync() if not sync else _null()
+            ctx = self.ddp.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     outputs = self.ddp(batch.images, batch.mask, batch.targets)
@@ -469,8 +470,6 @@ class Trainer:
                 self.epoch += 1
                 self.batch_in_epoch = 0
             self.end_of_epoch(running, started, force_eval=stopped_early)
-        self.train_seconds = time.time() - started
-        self.checkpoint("last.pt")
         summary = {"epochs": self.epoch, "steps": self.step, "images_seen": self.images_seen,
                    "minutes": self.train_seconds / 60, "best_AP": self.best_ap,
                    "skipped_images": self.skipped_images,
@@ -492,26 +491,16 @@ class Trainer:
                                      self.cfg.num_select, self.cfg.progress)
             record.update({k: v for k, v in metrics.items() if k != "per_class"})
             record["eval_minutes"] = (time.time() - started) / 60 - record["minutes"]
+            self.history.append(record)
             if metrics["AP"] > self.best_ap:
                 self.best_ap = metrics["AP"]
-                self.history.append(record)
                 self.checkpoint("best.pt")
-            else:
-                self.history.append(record)
             if dist.is_main_process():
                 evaluator.save_results(self.out / "val_detections.json")
         else:
             self.history.append(record)
         self._log(record)
         self.checkpoint("last.pt")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _no_flip(recipe: TransformRecipe):
@@ -530,7 +519,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
 
     if not history:
         return
-    epochs = [h["epoch"] + (0 if h.get("AP") is None else 0) for h in history]
+    epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("train_loss", "total"), ("train_loss_ce", "class (focal)"),
                        ("train_loss_bbox", "L1"), ("train_loss_giou", "GIoU")):

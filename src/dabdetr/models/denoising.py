@@ -52,7 +52,7 @@ def build_denoising_queries(
     pad = max(counts, default=0)
     if pad == 0 or groups <= 0:
         return None
-    batch, dim = len(targets), label_embed.embedding_dim
+    batch = len(targets)
     total = groups * pad
     labels = torch.zeros(batch, total, dtype=torch.int64, device=device)
     boxes = torch.full((batch, total, 4), 0.5, device=device)
@@ -88,7 +88,6 @@ def build_denoising_queries(
         allowed[block, block] = True
         allowed[block, total:] = True
     meta = {"groups": groups, "pad": pad, "valid": valid, "target_index": target_index}
-    del dim
     return DenoisingQueries(content, anchors, allowed, meta)
 
 

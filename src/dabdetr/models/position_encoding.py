@@ -33,7 +33,6 @@ class PositionEmbeddingSineHW(nn.Module):
         self.temperature_h = temperature_h
         self.temperature_w = temperature_w
         self.scale = 2 * math.pi
-        self._cache: dict[tuple, Tensor] = {}
 
     def forward(self, mask: Tensor) -> Tensor:
         not_mask = (~mask).to(torch.float32)
