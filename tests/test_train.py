@@ -245,3 +245,20 @@ def test_killed_training_leaves_loadable_checkpoint(data_dir, tmp_path):
     ckpt = safe_torch_load(out / "last.pt")
     assert ckpt["step"] >= 2
     assert dabdetr.load_model(out / "last.pt").config.num_classes == 6
+
+
+def test_cli_switches_reach_the_config():
+    from dabdetr.cli import build_parser
+    from dabdetr.engine.train import config_from_args
+
+    args = build_parser().parse_args([
+        "train", "--data", "d", "--dn-groups", "3", "--dn-box-noise", "0.3", "--match-repeat",
+        "2", "--no-multi-scale", "--ema-decay", "0.99", "--accumulate", "2", "--set",
+        "num_queries=50", "dilation=true"])
+    cfg = config_from_args(args)
+    assert cfg.model_overrides == {"num_queries": 50, "dilation": True, "dn_groups": 3,
+                                   "dn_label_noise": 0.2, "dn_box_noise": 0.3}
+    assert cfg.match_repeat == 2 and cfg.no_multi_scale and cfg.recipe().scales == (800,)
+    assert (cfg.ema_decay, cfg.accumulate) == (0.99, 2)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        config_from_args(build_parser().parse_args(["train", "--data", "d", "--set", "oops"]))
