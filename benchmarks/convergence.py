@@ -31,9 +31,9 @@ NAIVE = {  # the issue's baseline: authors' recipe with a trainable ResNet-18 fr
     "model": "cpu-small",
     "model_overrides": {"backbone_return_layer": "layer4", "dilation": False, "hidden_dim": 256,
                         "enc_layers": 3, "dec_layers": 3, "dim_feedforward": 1024,
-                        "num_queries": 30},
+                        "num_queries": 30, "two_stage": False},
     "batch_size": 8, "lr": 2e-4, "lr_backbone": 2e-4, "warmup_steps": 0, "clip_max_norm": 0.1,
-    "image_size": 160, "match_repeat": 1, "no_crop": False,
+    "image_size": 160, "match_repeat": 1, "no_crop": False, "no_multi_scale": False,
 }
 
 
@@ -51,17 +51,16 @@ RECIPES = {
     "naive": NAIVE,
     "demo": DEMO_RECIPE,
     # each switch of the demo recipe turned back off
-    "demo-lr2e-4": _variant(lr=2e-4, lr_backbone=2e-4, warmup_steps=0),
+    "demo-no-two-stage": _variant(model_overrides={"two_stage": False}),
+    "demo-layer3": _variant(model_overrides={"backbone_return_layer": "layer3"}),
+    "demo-multi-scale": _variant(no_multi_scale=False),
     "demo-no-o2m": _variant(match_repeat=1),
+    "demo-lr2e-4": _variant(lr=2e-4, lr_backbone=2e-4, warmup_steps=0),
     "demo-frozen-bn": _variant(model_overrides={"backbone_norm": "frozen"}),
-    "demo-layer4": _variant(model_overrides={"backbone_return_layer": "layer4"}),
-    "demo-160px": _variant(image_size=160),
     "demo-clip0.1": _variant(clip_max_norm=0.1),
     # candidate additions
     "demo+dn": _variant(model_overrides={"dn_groups": 3}),
-    "demo+dn-b8": _variant(model_overrides={"dn_groups": 3}, batch_size=8),
     "demo-b8": _variant(batch_size=8),
-    "demo+dn-lr2e-3": _variant(model_overrides={"dn_groups": 3}, lr=2e-3, lr_backbone=2e-3),
 }
 
 
@@ -133,7 +132,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=["naive", "demo"],
-                        choices=sorted(RECIPES))
+                        help=f"any of {sorted(RECIPES)}; with --report-only, any run "
+                        "directory name under --out")
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget per recipe")
     parser.add_argument("--data", default="runs/synth-standard-128",
                         help="synthetic dataset dir (generated if absent)")
@@ -147,6 +147,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
+    unknown = [r for r in args.recipes if r not in RECIPES]
+    if unknown and not args.report_only:
+        parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
     if args.run_one:
         run_one(args.run_one, args.data, out, args.minutes, args.seed, args.threads)
         return

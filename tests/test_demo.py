@@ -60,3 +60,49 @@ def test_demo_unwritable_out(tmp_path, capsys):
     assert "cannot write" in capsys.readouterr().err
     with pytest.raises(DemoError, match="not a directory"):
         run_demo(blocker, **TINY)
+
+
+def _fake_bundle(tmp_path, monkeypatch):
+    """A cpu-tiny checkpoint with the synthetic classes, standing in for the bundled one."""
+    from dabdetr import demo
+    from dabdetr.data.synthetic import CLASS_NAMES
+    from dabdetr.models.dab_detr import DabDetr
+    from dabdetr.presets import preset_config
+    from dabdetr.weights.loading import save_model
+
+    config = preset_config("cpu-tiny", num_classes=6, id2label=dict(enumerate(CLASS_NAMES)),
+                           class_to_category=list(range(1, 7)))
+    bundle = tmp_path / "bundle"
+    save_model(DabDetr(config), bundle)
+    monkeypatch.setattr(demo, "BUNDLED_START", bundle)
+    return bundle
+
+
+def test_demo_starts_from_the_bundled_checkpoint_and_still_trains(tmp_path, monkeypatch):
+    import torch
+
+    bundle = _fake_bundle(tmp_path, monkeypatch)
+    summary = run_demo(tmp_path / "demo", **TINY)
+    assert "bundled checkpoint" in summary["started_from"] and str(bundle) in summary["started_from"]
+    assert 0.0 <= summary["start_metrics"]["AP"] <= 1.0 and summary["steps"] == 3
+    start = dabdetr.load_model(bundle).state_dict()
+    end = dabdetr.load_model(tmp_path / "demo" / "model").state_dict()
+    assert not torch.equal(start["class_embed.weight"], end["class_embed.weight"])  # trained live
+    # --from-scratch ignores the bundle; another preset's architecture cannot use it
+    scratch = run_demo(tmp_path / "scratch", from_scratch=True, **TINY)
+    assert "from scratch" in scratch["started_from"] and scratch["start_metrics"] is None
+    other = run_demo(tmp_path / "other", **{**TINY, "max_steps": 1, "preset": "cpu-small"})
+    assert "from scratch" in other["started_from"]
+
+
+def test_the_committed_bundled_checkpoint_is_small_and_fits_the_demo_preset():
+    from dabdetr.demo import BUNDLED_START, DEMO_RECIPE, bundled_start_available
+
+    if not BUNDLED_START.exists():
+        pytest.skip("no bundled checkpoint in this checkout")
+    size = sum(p.stat().st_size for p in BUNDLED_START.iterdir())
+    assert size <= 20 * 2**20
+    assert bundled_start_available(DEMO_RECIPE["model"])
+    assert (BUNDLED_START / "TRAINING.md").is_file() and (BUNDLED_START / "metrics.jsonl").is_file()
+    model = dabdetr.load_model(BUNDLED_START)
+    assert model.config.num_classes == 6 and model.config.label_name(2) == "triangle"

@@ -85,6 +85,8 @@ def test_any_hidden_dim_divisible_by_heads(hidden_dim, nheads):
     {"aux_loss": False},
     {"dilation": True},
     {"backbone_return_layer": "layer3"},
+    {"backbone_return_layer": "layer2"},
+    {"two_stage": True, "num_patterns": 3},
     {"backbone_norm": "batch", "backbone_trainable_layers": 5},
     {"query_pe_temperature": 20.0, "pe_temperature_h": 10.0, "pe_temperature_w": 10.0},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -113,7 +114,11 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), ddp_cfg, str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for key, value in single.model.state_dict().items():
-        torch.testing.assert_close(result["state"][key], value, atol=1e-5, rtol=1e-5, msg=key)
+        # Key-projection biases shift every attention logit of a query equally, so softmax
+        # gives them an exactly zero gradient: what they receive is rounding noise, which
+        # Adam normalizes into lr-sized steps. They are compared 10x looser.
+        tol = 1e-4 if re.search(r"_k(pos|content)_proj\.bias$", key) else 1e-5
+        torch.testing.assert_close(result["state"][key], value, atol=tol, rtol=1e-5, msg=key)
     one, two = single.history, result["history"]
     assert len(one) == len(two)
     for h1, h2 in zip(one, two, strict=True):
@@ -253,11 +258,11 @@ def test_cli_switches_reach_the_config():
 
     args = build_parser().parse_args([
         "train", "--data", "d", "--dn-groups", "3", "--dn-box-noise", "0.3", "--match-repeat",
-        "2", "--no-multi-scale", "--ema-decay", "0.99", "--accumulate", "2", "--set",
-        "num_queries=50", "dilation=true"])
+        "2", "--no-multi-scale", "--ema-decay", "0.99", "--accumulate", "2", "--two-stage",
+        "--set", "num_queries=50", "dilation=true"])
     cfg = config_from_args(args)
     assert cfg.model_overrides == {"num_queries": 50, "dilation": True, "dn_groups": 3,
-                                   "dn_label_noise": 0.2, "dn_box_noise": 0.3}
+                                   "dn_label_noise": 0.2, "dn_box_noise": 0.3, "two_stage": True}
     assert cfg.match_repeat == 2 and cfg.no_multi_scale and cfg.recipe().scales == (800,)
     assert (cfg.ema_decay, cfg.accumulate) == (0.99, 2)
     with pytest.raises(ValueError, match="KEY=VALUE"):

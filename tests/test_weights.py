@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from _util import tiny_config
 
 import dabdetr
@@ -173,3 +174,14 @@ def test_deformable_checkpoint_gets_a_clear_error(tmp_path):
                 "args": argparse.Namespace(modelname="dab_deformable_detr")}, tmp_path / "d.pth")
     with pytest.raises(ValueError, match="deformable"):
         dabdetr.load_model(tmp_path / "d.pth")
+
+
+def test_bare_state_dict_of_a_layer2_two_stage_model(tmp_path):
+    model = DabDetr(tiny_config(backbone_return_layer="layer2", two_stage=True)).eval()
+    save_file(model.state_dict(), tmp_path / "sd.safetensors")
+    # the truncation and query selection are read from the keys; the query count is not in them
+    loaded = dabdetr.load_model(tmp_path / "sd.safetensors", nheads=4, num_queries=8)
+    assert loaded.config.backbone_return_layer == "layer2" and loaded.config.two_stage
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).pred_boxes, model(x).pred_boxes)

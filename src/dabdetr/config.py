@@ -11,7 +11,7 @@ ACTIVATIONS = ("prelu", "relu", "gelu")
 QUERY_SCALE_TYPES = ("cond_elewise", "cond_scalar", "fix_elewise")
 POSITION_EMBEDDINGS = ("sine", "learned")
 BACKBONE_NORMS = ("frozen", "batch")
-RETURN_LAYERS = ("layer3", "layer4")
+RETURN_LAYERS = ("layer2", "layer3", "layer4")
 
 
 @dataclass
@@ -60,6 +60,12 @@ class DabDetrConfig:
     dn_groups: int = 0
     dn_label_noise: float = 0.2
     dn_box_noise: float = 0.4
+    # Query selection ("two-stage", as in Deformable DETR / DINO): every encoder cell predicts a
+    # class and a box around its own centre (trained by its own Hungarian loss, `loss_*_enc`);
+    # the decoder's anchors are the num_queries best of those boxes, per image, instead of the
+    # learned anchors. Content queries stay as in DAB-DETR (zeros, or the pattern embeddings).
+    two_stage: bool = False
+    two_stage_proposal_size: float = 0.1  # w and h of each cell's proposal before regression
     # Batching policy: upstream runs the backbone on the zero-padded batch, so convolutions near
     # the bottom/right edge see the padding and an image's detections depend on its batch mates.
     # True runs the backbone on each image's unpadded extent (same-size images together) and
@@ -100,6 +106,10 @@ class DabDetrConfig:
             raise ValueError(f"dec_layers must be positive, got {self.dec_layers}")
         if self.num_patterns < 0:
             raise ValueError(f"num_patterns must be >= 0, got {self.num_patterns}")
+        if not 0.0 < self.two_stage_proposal_size < 1.0:
+            raise ValueError(
+                f"two_stage_proposal_size must be in (0, 1), got {self.two_stage_proposal_size}"
+            )
         if not 0 <= self.backbone_trainable_layers <= 5:
             raise ValueError("backbone_trainable_layers must be in 0..5")
         if self.class_to_category is not None and len(self.class_to_category) != self.num_classes:

@@ -19,20 +19,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dab-detr-r50-dc5-fixxy": {"dilation": True, "random_refpoints_xy": True},
     "dab-detr-r101": {"backbone": "resnet101"},
     # small models for CPU training from scratch (see benchmarks/RESULTS.md)
+    # ResNet-18 cut after layer2 (stride 8: small objects in small images keep their own cells),
+    # trainable BatchNorm, query selection from the encoder (two_stage).
     "cpu-small": {
-        "backbone": "resnet18", "backbone_return_layer": "layer3", "backbone_norm": "batch",
+        "backbone": "resnet18", "backbone_return_layer": "layer2", "backbone_norm": "batch",
         "backbone_trainable_layers": 5, "hidden_dim": 128, "nheads": 8, "enc_layers": 2,
-        "dec_layers": 3, "dim_feedforward": 512, "num_queries": 20,
+        "dec_layers": 3, "dim_feedforward": 512, "num_queries": 20, "two_stage": True,
     },
     "cpu-tiny": {
-        "backbone": "resnet18", "backbone_return_layer": "layer3", "backbone_norm": "batch",
+        "backbone": "resnet18", "backbone_return_layer": "layer2", "backbone_norm": "batch",
         "backbone_trainable_layers": 5, "hidden_dim": 64, "nheads": 4, "enc_layers": 1,
-        "dec_layers": 2, "dim_feedforward": 128, "num_queries": 10,
+        "dec_layers": 2, "dim_feedforward": 128, "num_queries": 10, "two_stage": True,
     },
 }
 
 # typical input size (h, w) used for the FLOP figures
-PRESET_INPUT = {name: (800, 1088) for name in PRESETS} | {"cpu-small": (256, 256),
+PRESET_INPUT = {name: (800, 1088) for name in PRESETS} | {"cpu-small": (128, 128),
                                                          "cpu-tiny": (128, 128)}
 
 

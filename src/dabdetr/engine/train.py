@@ -599,6 +599,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="denoising query groups (DN-DETR), training only; 0 = off")
     p.add_argument("--dn-label-noise", type=float, default=0.2, help="label flip probability")
     p.add_argument("--dn-box-noise", type=float, default=0.4, help="box noise scale")
+    p.add_argument("--two-stage", action="store_true",
+                   help="query selection: decoder anchors = best encoder-cell proposals, "
+                   "which get their own loss (model config two_stage=True)")
     p.add_argument("--image-size", type=int, default=d.image_size,
                    help="max short side; 800 = official multi-scale recipe, smaller scales it")
     p.add_argument("--no-crop", action="store_true", help="disable the random-crop branch")
@@ -622,6 +625,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values["model_overrides"].update(dn_groups=args.dn_groups,
                                          dn_label_noise=args.dn_label_noise,
                                          dn_box_noise=args.dn_box_noise)
+    if args.two_stage:
+        values["model_overrides"].update(two_stage=True)
     values["progress"] = not args.no_progress
     return dataclasses.replace(cfg, **values)
 

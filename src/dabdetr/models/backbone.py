@@ -88,7 +88,7 @@ class Backbone(nn.Module):
 
     forward(images [B, 3, H, W] float, mask [B, H, W] bool True on padding) returns
     (features [B, C, h, w], mask [B, h, w] bool), with (h, w) = ceil((H, W) / stride) and stride
-    32 (16 with dilation or when truncated after layer3).
+    32 (16 with dilation or when truncated after layer3, 8 when truncated after layer2).
     """
 
     def __init__(
@@ -100,8 +100,10 @@ class Backbone(nn.Module):
         trainable_layers: int = 3,
     ) -> None:
         super().__init__()
-        if return_layer == "layer3" and dilation:
-            raise ValueError("dilation (DC5) applies to layer4; it cannot be used with layer3 output")
+        if return_layer != "layer4" and dilation:
+            raise ValueError(
+                f"dilation (DC5) applies to layer4; it cannot be used with {return_layer} output"
+            )
         norm_layer: Callable[[int], nn.Module] = _frozen_bn if norm == "frozen" else nn.BatchNorm2d
         builder = getattr(torchvision.models, name)
         bottleneck = name in ("resnet50", "resnet101")
@@ -120,7 +122,7 @@ class Backbone(nn.Module):
         last_block = self.body[-1][-1]
         last_conv = last_block.conv3 if hasattr(last_block, "conv3") else last_block.conv2
         self.num_channels = last_conv.out_channels
-        self.stride = 16 if (dilation or return_layer == "layer3") else 32
+        self.stride = {"layer2": 8, "layer3": 16}.get(return_layer, 16 if dilation else 32)
         # Upstream trains layer2..layer4 and freezes the stem and layer1 (trainable_layers=3),
         # counted like torchvision's `trainable_backbone_layers`.
         trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]

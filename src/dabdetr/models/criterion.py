@@ -163,6 +163,23 @@ class SetCriterion(nn.Module):
             losses.update({f"{name}{suffix}": v for name, v in layer_losses.items()})
 
         losses.update(self.dn_losses(out, targets, num_boxes))
+        losses.update(self.encoder_losses(out, targets, num_boxes))
+        return losses
+
+    def encoder_losses(
+        self, outputs: DetectionOutput, targets: Targets, num_boxes: float
+    ) -> dict[str, Tensor]:
+        """Losses of the per-cell encoder proposals (query selection): one-to-one Hungarian
+        matching over all cells, the same terms and weights as a decoder layer, named
+        `loss_ce_enc`, `loss_bbox_enc`, `loss_giou_enc`. Empty when query selection is off."""
+        enc = outputs.enc_outputs
+        if enc is None:
+            return {}
+        indices = self.matcher(enc, targets)
+        losses = {}
+        for name, value in self.layer_losses(enc, targets, indices, num_boxes).items():
+            losses[f"{name}_enc"] = value
+            self.weight_dict.setdefault(f"{name}_enc", self.base_weight_dict[name])
         return losses
 
     def _repeat_for(self, layer: int) -> int:

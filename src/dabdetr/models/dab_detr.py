@@ -66,6 +66,73 @@ def _anchor_load_hook(module: AnchorQueries, state_dict: dict, prefix: str, *arg
         state_dict[prefix + "full"] = weight
 
 
+class QuerySelection(nn.Module):
+    """Two-stage query selection on the encoder output (Deformable DETR / DINO style).
+
+    Every feature cell proposes a box centred on itself with side `two_stage_proposal_size`;
+    a class head and a box-delta head on the (projected) encoder output score and refine the
+    proposals. The `num_queries` best-scoring refined boxes of each image (detached) become its
+    decoder anchors. Padded cells never win against a real cell; when an image has fewer real
+    cells than queries, the remaining anchors are centred boxes of the proposal size.
+    """
+
+    def __init__(self, config: DabDetrConfig):
+        super().__init__()
+        d = config.hidden_dim
+        self.num_queries = config.num_queries
+        self.proposal_size = config.two_stage_proposal_size
+        self.eps = config.inverse_sigmoid_eps
+        self.output = nn.Linear(d, d)
+        self.output_norm = nn.LayerNorm(d)
+        self.class_embed = nn.Linear(d, config.num_classes)
+        self.bbox_embed = MLP(d, d, 4, 3)
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+
+    def proposals(self, mask: Tensor, height: int, width: int) -> Tensor:
+        """[B, S, 4] normalized cxcywh proposals, cell centres relative to each image's
+        unpadded extent (mask: [B, S] bool, True on padding, S = height * width)."""
+        valid = ~mask.view(-1, height, width)
+        valid_h = valid[:, :, 0].sum(1).clamp(min=1).to(torch.float32)
+        valid_w = valid[:, 0, :].sum(1).clamp(min=1).to(torch.float32)
+        ys = torch.arange(height, device=mask.device, dtype=torch.float32) + 0.5
+        xs = torch.arange(width, device=mask.device, dtype=torch.float32) + 0.5
+        cy = (ys[None, :, None] / valid_h[:, None, None]).expand(-1, height, width)
+        cx = (xs[None, None, :] / valid_w[:, None, None]).expand(-1, height, width)
+        side = torch.full_like(cx, self.proposal_size)
+        return torch.stack([cx, cy, side, side], dim=-1).flatten(1, 2)
+
+    def forward(self, memory: Tensor, mask: Tensor, height: int, width: int
+                ) -> tuple[DetectionOutput, Tensor]:
+        """Returns the per-cell predictions ([B, S, C] logits, [B, S, 4] boxes; trained by the
+        criterion as `enc_outputs`) and the selected anchors [B, num_queries, 4] in logit
+        space (detached)."""
+        proposals = self.proposals(mask, height, width).to(memory.dtype)
+        # padded cells, and cells whose centre falls outside the image, never propose
+        invalid = mask | (proposals[..., :2] >= 1.0).any(-1)
+        features = self.output_norm(self.output(memory.masked_fill(invalid[..., None], 0.0)))
+        logits = self.class_embed(features).masked_fill(invalid[..., None], -1e4)
+        inv_proposals = inverse_sigmoid(proposals.clamp(max=1.0), self.eps)
+        boxes_unsig = self.bbox_embed(features) + inv_proposals
+        enc_outputs = DetectionOutput(logits, boxes_unsig.sigmoid())
+
+        num_cells = logits.shape[1]
+        k = min(self.num_queries, num_cells)
+        scores = logits.detach().amax(-1)
+        top = scores.topk(k, dim=1).indices  # (B, k)
+        anchors = boxes_unsig.detach().gather(1, top[..., None].expand(-1, -1, 4))
+        default = inverse_sigmoid(
+            torch.tensor([0.5, 0.5, self.proposal_size, self.proposal_size],
+                         device=memory.device, dtype=memory.dtype), self.eps)
+        chosen_invalid = invalid.gather(1, top)[..., None]
+        anchors = torch.where(chosen_invalid, default, anchors)
+        if k < self.num_queries:
+            fill = default.expand(anchors.shape[0], self.num_queries - k, 4)
+            anchors = torch.cat([anchors, fill], dim=1)
+        return enc_outputs, anchors
+
+
 class DabDetr(nn.Module):
     """DAB-DETR (Liu et al., ICLR 2022).
 
@@ -107,7 +174,8 @@ class DabDetr(nn.Module):
             config.query_scale_type, config.modulate_hw_attn, config.keep_query_pos,
             config.query_pe_temperature, config.inverse_sigmoid_eps,
         )
-        self.refpoint_embed = AnchorQueries(
+        # learned anchors (replaced by the selected encoder proposals with query selection)
+        self.refpoint_embed = None if config.two_stage else AnchorQueries(
             config.num_queries, config.random_refpoints_xy, config.freeze_refpoints_xy,
             config.inverse_sigmoid_eps,
         )
@@ -120,6 +188,8 @@ class DabDetr(nn.Module):
             self.bbox_embed = MLP(d, d, 4, 3)
         # DN-DETR: content embedding of the (noised) labels of the denoising queries
         self.label_enc = nn.Embedding(config.num_classes, d) if config.dn_groups > 0 else None
+        # Query selection: per-cell proposal heads on the encoder output
+        self.query_selection = QuerySelection(config) if config.two_stage else None
         self.reset_head_parameters()
 
     def reset_head_parameters(self) -> None:
@@ -150,30 +220,45 @@ class DabDetr(nn.Module):
         return (src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2),
                 feat_mask.flatten(1))
 
+
     def forward(self, images: Tensor, mask: Tensor | None = None,
                 targets: list[dict[str, Tensor]] | None = None) -> DetectionOutput:
         """`targets` (normalized cxcywh `boxes`, `labels`) are only read in training with
         denoising on (config.dn_groups > 0); they never change the matching queries' output."""
         src, pos, feat_mask = self.encode_image(images, mask)
         bbox_embed = self.bbox_embed if self.config.iter_update else None
+        cfg = self.config
         dn = None
         if self.training and self.label_enc is not None and targets is not None:
-            cfg = self.config
             dn = build_denoising_queries(targets, self.label_enc, cfg.total_queries,
                                          cfg.dn_groups, cfg.dn_label_noise, cfg.dn_box_noise,
                                          cfg.inverse_sigmoid_eps)
+        memory = self.transformer.encode(src, pos, feat_mask)
+        enc_outputs = None
+        if self.query_selection is not None:
+            height, width = self._feature_shape(images.shape[-2:])
+            enc_outputs, anchors = self.query_selection(memory, feat_mask, height, width)
+        else:
+            anchors = self.refpoint_embed.weight
+        extra = None if dn is None else (dn.content, dn.anchors)
+        hs, references = self.transformer.decode(
+            memory, pos, feat_mask, anchors, bbox_embed, extra_queries=extra,
+            self_attn_mask=None if dn is None else dn.attn_mask,
+        )
         if dn is None:
-            hs, references = self.transformer(src, feat_mask, pos, self.refpoint_embed.weight,
-                                              bbox_embed)
-            return self.heads(hs, references)
-        hs, references = self.transformer(src, feat_mask, pos, self.refpoint_embed.weight,
-                                          bbox_embed, extra_queries=(dn.content, dn.anchors),
-                                          self_attn_mask=dn.attn_mask)
-        split = dn.content.shape[1]
-        out = self.heads(hs[:, :, split:], references[:, :, split:])
-        out.dn_outputs = self.heads(hs[:, :, :split], references[:, :, :split])
-        out.dn_meta = dn.meta
+            out = self.heads(hs, references)
+        else:
+            split = dn.content.shape[1]
+            out = self.heads(hs[:, :, split:], references[:, :, split:])
+            out.dn_outputs = self.heads(hs[:, :, :split], references[:, :, :split])
+            out.dn_meta = dn.meta
+        out.enc_outputs = enc_outputs
         return out
+
+    def _feature_shape(self, image_hw: torch.Size) -> tuple[int, int]:
+        """(h, w) of the backbone feature map for a padded input of size image_hw."""
+        stride = self.backbone.stride
+        return -(-int(image_hw[0]) // stride), -(-int(image_hw[1]) // stride)
 
     def heads(self, hs: Tensor, references: Tensor) -> DetectionOutput:
         """Class and box heads on every decoder layer.

@@ -22,6 +22,8 @@ class DetectionOutput:
             when denoising is off or in eval mode. Its `aux_outputs` hold the earlier layers.
         dn_meta: bookkeeping the criterion needs for the denoising loss (group count, padding
             per group, which target each denoising query reconstructs); None when off.
+        enc_outputs: per-encoder-cell proposals (query selection, config.two_stage) with
+            [B, S, C] logits and [B, S, 4] boxes; None when off.
     """
 
     pred_logits: Tensor
@@ -29,6 +31,7 @@ class DetectionOutput:
     aux_outputs: list[DetectionOutput] = field(default_factory=list)
     dn_outputs: DetectionOutput | None = None
     dn_meta: dict | None = None
+    enc_outputs: DetectionOutput | None = None
 
     def to_dict(self) -> dict:
         """Plain-dict view in the DETR convention (`aux_outputs` as a list of dicts)."""

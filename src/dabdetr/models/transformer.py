@@ -366,25 +366,38 @@ class Transformer(nn.Module):
         Args:
             src: [B, S, d] projected image features; pos: [B, S, d]; mask: [B, S] bool, True on
                 padding.
-            refpoints_unsigmoid: [Nq, 4] learned anchors (logit space), shared by the batch.
+            refpoints_unsigmoid: [Nq, 4] learned anchors (logit space), shared by the batch, or
+                [B, Nq, 4] per image (query selection).
             extra_queries: optional (content [B, Nd, d], anchors [B, Nd, 4] logit space) put in
                 front of the matching queries (denoising queries, training only).
             self_attn_mask: [Nd + Nq', Nq' + Nd] bool (True = attend) for the decoder.
         Returns: (hs [L, B, N, d], references [L, B, N, 4]) as Decoder.forward.
         """
-        batch = src.shape[0]
+        memory = self.encode(src, pos, mask)
+        return self.decode(memory, pos, mask, refpoints_unsigmoid, bbox_embed, extra_queries,
+                           self_attn_mask)
+
+    def encode(self, src: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
+        """Encoder output [B, S, d] (mask: [B, S] bool, True on padding)."""
+        return self.encoder(src, pos, (~mask)[:, None, None, :])
+
+    def decode(self, memory: Tensor, pos: Tensor, mask: Tensor, refpoints_unsigmoid: Tensor,
+               bbox_embed: nn.Module | None, extra_queries: tuple[Tensor, Tensor] | None = None,
+               self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The decoder on encoder output `memory`; arguments as in forward."""
+        batch = memory.shape[0]
         attn_mask = (~mask)[:, None, None, :]  # (B, 1, 1, S): True where a key may be attended
-        memory = self.encoder(src, pos, attn_mask)
-        num_queries = refpoints_unsigmoid.shape[0]
+        anchors = refpoints_unsigmoid
+        if anchors.dim() == 2:
+            anchors = anchors[None].expand(batch, -1, -1)
+        num_queries = anchors.shape[1]
         if self.patterns is None:
-            tgt = src.new_zeros(batch, num_queries, self.d_model)
-            anchors = refpoints_unsigmoid
+            tgt = memory.new_zeros(batch, num_queries, self.d_model)
         else:
             # pattern-major order: query index = p * Nq + q
             tgt = self.patterns.weight[:, None, :].expand(-1, num_queries, -1).flatten(0, 1)
             tgt = tgt[None].expand(batch, -1, -1)
-            anchors = refpoints_unsigmoid.repeat(self.num_patterns, 1)
-        anchors = anchors[None].expand(batch, -1, -1)
+            anchors = anchors.repeat(1, self.num_patterns, 1)
         if extra_queries is not None:
             tgt = torch.cat([extra_queries[0], tgt], dim=1)
             anchors = torch.cat([extra_queries[1], anchors], dim=1)

@@ -214,6 +214,8 @@ def config_to_hf(config: DabDetrConfig) -> dict[str, Any]:
         unsupported.append("iter_update=False")
     if config.query_pe_temperature != 10000:
         unsupported.append(f"query_pe_temperature={config.query_pe_temperature}")
+    if config.two_stage:
+        unsupported.append("two_stage=True")
     if unsupported:
         raise ValueError("transformers' DabDetr cannot express: " + ", ".join(unsupported))
     if config.inverse_sigmoid_eps != 1e-5:

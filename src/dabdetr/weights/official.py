@@ -104,8 +104,9 @@ def infer_config(state_dict: dict[str, Tensor], args: dict[str, Any] | None = No
     values["backbone"] = args.get("backbone") or infer_backbone(sd)
     if values["backbone"] not in ("resnet18", "resnet34", "resnet50", "resnet101"):
         raise ValueError(f"unsupported backbone {values['backbone']!r} in checkpoint args")
-    values["backbone_return_layer"] = (
-        "layer4" if any(k.startswith("backbone.body.layer4.") for k in sd) else "layer3"
+    values["backbone_return_layer"] = next(
+        (layer for layer in ("layer4", "layer3", "layer2")
+         if any(k.startswith(f"backbone.body.{layer}.") for k in sd)), "layer4"
     )
     values["dilation"] = bool(args.get("dilation", False))
     values["hidden_dim"] = sd["input_proj.weight"].shape[0]
@@ -123,7 +124,12 @@ def infer_config(state_dict: dict[str, Tensor], args: dict[str, Any] | None = No
         values["position_embedding"] = "learned"
     values["pe_temperature_h"] = float(args.get("pe_temperatureH", 20))
     values["pe_temperature_w"] = float(args.get("pe_temperatureW", 20))
-    values["num_queries"] = sd["refpoint_embed.weight"].shape[0]
+    if "refpoint_embed.weight" in sd:
+        values["num_queries"] = sd["refpoint_embed.weight"].shape[0]
+    elif "query_selection.class_embed.weight" in sd:
+        # query selection keeps no per-query weights: the count comes from args or overrides
+        values["two_stage"] = True
+        values["num_queries"] = int(args.get("num_queries", 300))
     if "transformer.patterns.weight" in sd:
         values["num_patterns"] = sd["transformer.patterns.weight"].shape[0]
     values["random_refpoints_xy"] = bool(args.get("random_refpoints_xy", False))

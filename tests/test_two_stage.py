@@ -1,0 +1,106 @@
+"""Query selection (config.two_stage): anchors from encoder proposals, their loss, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _util import tiny_config
+
+import dabdetr
+from dabdetr.models.criterion import SetCriterion
+from dabdetr.models.dab_detr import DabDetr
+from dabdetr.models.transformer import inverse_sigmoid
+from dabdetr.weights.loading import export_huggingface, load_model, save_model
+
+
+def _targets():
+    return [
+        {"boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]]),
+         "labels": torch.tensor([1, 3])},
+        {"boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]]), "labels": torch.tensor([4])},
+    ]
+
+
+def _model(**overrides) -> DabDetr:
+    torch.manual_seed(0)
+    model = DabDetr(tiny_config(two_stage=True, **overrides))
+    # make the proposal scores image-dependent and non-trivial
+    with torch.no_grad():
+        model.query_selection.class_embed.weight.normal_(0, 1.0)
+        model.query_selection.bbox_embed.layers[-1].weight.normal_(0, 0.1)
+    return model
+
+
+def test_anchors_are_the_best_scoring_cell_boxes():
+    model = _model().eval()
+    assert model.refpoint_embed is None and "refpoint_embed.weight" not in model.state_dict()
+    images = torch.randn(2, 3, 128, 128)  # stride 32: 4 x 4 = 16 cells >= 8 queries
+    src, pos, mask = model.encode_image(images, None)
+    memory = model.transformer.encode(src, pos, mask)
+    enc, anchors = model.query_selection(memory, mask, 4, 4)
+    assert enc.pred_logits.shape == (2, 16, 5) and enc.pred_boxes.shape == (2, 16, 4)
+    assert anchors.shape == (2, 8, 4) and not anchors.requires_grad
+    for b in range(2):
+        best = enc.pred_logits[b].amax(-1).topk(8).indices
+        expected = inverse_sigmoid(enc.pred_boxes[b, best], 1e-3)
+        torch.testing.assert_close(anchors[b], expected, atol=1e-4, rtol=1e-4)
+    # proposals are centred on their cells, relative to the image
+    props = model.query_selection.proposals(mask, 4, 4)
+    assert torch.allclose(props[0, :4, 0], torch.tensor([0.125, 0.375, 0.625, 0.875]))
+    assert torch.allclose(props[0, ::4, 1], torch.tensor([0.125, 0.375, 0.625, 0.875]))
+
+
+def test_padded_cells_are_never_selected_and_batches_are_invariant():
+    model = _model(pad_invariant=True).eval()
+    imgs = [torch.randn(3, 160, 160), torch.randn(3, 96, 128)]
+    batch, mask = dabdetr.batch_images(imgs)
+    with torch.no_grad():
+        out = model(batch, mask)
+        enc = out.enc_outputs
+        # image 1 has 3 x 4 real cells out of 5 x 5: the others can't score
+        padded = enc.pred_logits[1].amax(-1) < -1e3
+        assert int(padded.sum()) == 25 - 12
+        for i, img in enumerate(imgs):
+            single = model(img[None])
+            torch.testing.assert_close(out.pred_logits[i], single.pred_logits[0], atol=1e-4, rtol=0)
+            torch.testing.assert_close(out.pred_boxes[i], single.pred_boxes[0], atol=1e-4, rtol=0)
+
+
+def test_fewer_cells_than_queries_fills_with_centred_anchors():
+    model = _model().eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))  # 2 x 2 cells, 8 queries
+    assert out.pred_boxes.shape == (1, 8, 4) and torch.isfinite(out.pred_boxes).all()
+
+
+def test_encoder_losses_are_weighted_and_train_the_selection_heads():
+    model = _model(dn_groups=2).train()
+    criterion = SetCriterion(5)
+    out = model(torch.randn(2, 3, 128, 128), targets=_targets())
+    losses = criterion(out, _targets())
+    for key in ("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc", "loss_ce_dn", "loss_ce_0"):
+        assert key in losses and key in criterion.weight_dict
+    assert criterion.weight_dict["loss_giou_enc"] == criterion.weight_dict["loss_giou"]
+    criterion.weighted_total(losses).backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, name
+    assert model.query_selection.bbox_embed.layers[-1].weight.grad.abs().sum() > 0
+
+
+def test_save_load_round_trip_and_clear_export_refusal(tmp_path):
+    model = _model().eval()
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.config.two_stage
+    images = torch.randn(1, 3, 128, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).pred_boxes, model(images).pred_boxes,
+                                   atol=0, rtol=0)
+    with pytest.raises(ValueError, match="two_stage"):
+        export_huggingface(model, tmp_path / "hf")
+
+
+def test_proposal_size_is_validated():
+    with pytest.raises(ValueError, match="two_stage_proposal_size"):
+        tiny_config(two_stage=True, two_stage_proposal_size=1.5)
