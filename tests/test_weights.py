@@ -8,8 +8,8 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from _util import tiny_config
+from safetensors.torch import save_file
 
 import dabdetr
 from dabdetr.cli import main
