@@ -104,3 +104,32 @@ def test_save_load_round_trip_and_clear_export_refusal(tmp_path):
 def test_proposal_size_is_validated():
     with pytest.raises(ValueError, match="two_stage_proposal_size"):
         tiny_config(two_stage=True, two_stage_proposal_size=1.5)
+
+
+def test_attention_maps_of_selected_queries():
+    from dabdetr.visualize import query_attention
+
+    model = _model(backbone_return_layer="layer2").eval()
+    with torch.no_grad():
+        out, maps = query_attention(model, torch.randn(1, 3, 64, 96))
+    assert maps.shape == (1, 8, 8, 12) and out.enc_outputs.pred_logits.shape == (1, 96, 5)
+    torch.testing.assert_close(maps.sum((-2, -1)), torch.ones(1, 8), atol=1e-5, rtol=0)
+
+
+def test_one_to_many_matching_of_encoder_proposals():
+    from dabdetr.models.matcher import HungarianMatcher
+
+    calls = []
+
+    class Recording(HungarianMatcher):
+        def forward(self, outputs, targets):
+            indices = super().forward(outputs, targets)
+            calls.append((outputs.pred_logits.shape[1], [len(q) for q, _ in indices]))
+            return indices
+
+    model = _model().train()
+    out = model(torch.randn(2, 3, 128, 128))
+    SetCriterion(5, Recording(), enc_match_repeat=3)(out, _targets())
+    enc_calls = [c for c in calls if c[0] == 16]  # 4 x 4 cells
+    assert enc_calls == [(16, [6, 3])]  # each target matched to 3 distinct cells
+    assert all(c[1] == [2, 1] for c in calls if c[0] == 8)  # decoder layers stay one-to-one

@@ -84,6 +84,7 @@ class TrainConfig:
     giou_loss_coef: float = 2.0
     focal_alpha: float = 0.25
     match_repeat: int = 1  # one-to-many matching: each ground truth matched k times (aux layers)
+    enc_match_repeat: int = 1  # the same for the encoder proposals of query selection
     # augmentation: image_size=800 is the official recipe, smaller scales it down
     image_size: int = 800
     no_crop: bool = False
@@ -264,7 +265,8 @@ class Trainer:
             repeat_layers = list(range(model_cfg.dec_layers - 1))
         self.criterion = SetCriterion(model_cfg.num_classes, matcher, weights, cfg.focal_alpha,
                                       match_repeat=cfg.match_repeat,
-                                      match_repeat_layers=repeat_layers)
+                                      match_repeat_layers=repeat_layers,
+                                      enc_match_repeat=cfg.enc_match_repeat)
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = EpochSampler(len(self.train_set), True, cfg.seed, self.rank, self.world)
         self.seeded = SeededAugmentation(self.train_set, cfg.seed)
@@ -595,6 +597,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--focal-alpha", type=float, default=d.focal_alpha)
     p.add_argument("--match-repeat", type=int, default=d.match_repeat,
                    help="one-to-many: match each object k times on auxiliary layers")
+    p.add_argument("--enc-match-repeat", type=int, default=d.enc_match_repeat,
+                   help="one-to-many: match each object k times among the encoder proposals "
+                   "(query selection, --two-stage)")
     p.add_argument("--dn-groups", type=int, default=0,
                    help="denoising query groups (DN-DETR), training only; 0 = off")
     p.add_argument("--dn-label-noise", type=float, default=0.2, help="label flip probability")

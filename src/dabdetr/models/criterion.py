@@ -64,6 +64,7 @@ class SetCriterion(nn.Module):
         focal_gamma: float = 2.0,
         match_repeat: int = 1,
         match_repeat_layers: Collection[int] | None = None,
+        enc_match_repeat: int = 1,
     ) -> None:
         """
         Args:
@@ -76,12 +77,15 @@ class SetCriterion(nn.Module):
             focal_alpha, focal_gamma: parameters of the sigmoid focal loss.
             match_repeat: k, how many queries each target is matched to (1 = one-to-one).
             match_repeat_layers: decoder layers that use `match_repeat` (None: all).
+            enc_match_repeat: k for the encoder proposals of query selection (`enc_outputs`).
         """
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if match_repeat < 1:
-            raise ValueError(f"match_repeat must be >= 1, got {match_repeat}")
+        if match_repeat < 1 or enc_match_repeat < 1:
+            raise ValueError(f"match_repeat and enc_match_repeat must be >= 1, got "
+                             f"{match_repeat}, {enc_match_repeat}")
+        self.enc_match_repeat = enc_match_repeat
         self.num_classes = num_classes
         self.matcher = matcher if matcher is not None else HungarianMatcher()
         self.focal_alpha = focal_alpha
@@ -169,15 +173,18 @@ class SetCriterion(nn.Module):
     def encoder_losses(
         self, outputs: DetectionOutput, targets: Targets, num_boxes: float
     ) -> dict[str, Tensor]:
-        """Losses of the per-cell encoder proposals (query selection): one-to-one Hungarian
-        matching over all cells, the same terms and weights as a decoder layer, named
-        `loss_ce_enc`, `loss_bbox_enc`, `loss_giou_enc`. Empty when query selection is off."""
+        """Losses of the per-cell encoder proposals (query selection): Hungarian matching over
+        all cells (each target matched `enc_match_repeat` times), the same terms and weights as
+        a decoder layer, named `loss_ce_enc`, `loss_bbox_enc`, `loss_giou_enc`. Empty when
+        query selection is off."""
         enc = outputs.enc_outputs
         if enc is None:
             return {}
-        indices = self.matcher(enc, targets)
+        k = self.enc_match_repeat
+        enc_targets = targets if k == 1 else _repeat_targets(targets, k)
+        indices = self.matcher(enc, enc_targets)
         losses = {}
-        for name, value in self.layer_losses(enc, targets, indices, num_boxes).items():
+        for name, value in self.layer_losses(enc, enc_targets, indices, num_boxes * k).items():
             losses[f"{name}_enc"] = value
             self.weight_dict.setdefault(f"{name}_enc", self.base_weight_dict[name])
         return losses
