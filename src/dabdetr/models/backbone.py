@@ -149,11 +149,14 @@ class Backbone(nn.Module):
         differentiable in w, gamma and beta) and channels_last activations, oneDNN's native
         layout. This saves the two passes over memory each FrozenBatchNorm2d makes forward and
         its pass backward, about a quarter of the backbone's training step on CPU. Bodies this
-        does not know (trainable BatchNorm2d in training mode, replaced modules) run as they are.
+        does not know (trainable BatchNorm2d in training mode, replaced modules) run as they are
+        (on channels_last input).
         """
         body = self.body
         if not _foldable(body):
-            return body(images)
+            # trainable BatchNorm (or unknown modules): as they are, on channels_last memory,
+            # which oneDNN's convolutions (forward and backward) and batch norm run faster
+            return body(images.contiguous(memory_format=torch.channels_last))
         x = images.contiguous(memory_format=torch.channels_last)
         x = body.maxpool(_conv_norm(body.conv1, body.bn1, x).relu_())
         for stage in _STAGES:
