@@ -128,14 +128,17 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
                       weights=str(start) if start else None,
                       num_workers=1, progress=progress, eval_batch_size=16, **recipe)
     trainer = Trainer(cfg, resume=str(last) if resuming else None, device=device)
-    if resuming:
-        # a resumed demo gets a fresh time budget on top of the time already trained
-        cfg.time_limit = trainer.train_seconds / 60 + cfg.time_limit
     start_metrics = None
     if start is not None:
         start_metrics = _evaluate(trainer)
         logger.info("bundled checkpoint before live training: AP %.3f AP50 %.3f",
                     start_metrics["AP"], start_metrics["AP50"])
+    # the training budget is what is left of --minutes after set-up (and the first evaluation)
+    budget = minutes * 60 - (time.time() - started) - RESERVE_SECONDS
+    cfg.time_limit = max(budget, 0.05 * 60) / 60
+    if resuming:
+        # a resumed demo gets a fresh time budget on top of the time already trained
+        cfg.time_limit += trainer.train_seconds / 60
     summary = trainer.fit()
     if start is not None:
         started_from = (f"the bundled checkpoint {start} (trained by `dabdetr train` on this "
