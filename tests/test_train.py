@@ -267,3 +267,27 @@ def test_cli_switches_reach_the_config():
     assert (cfg.ema_decay, cfg.accumulate) == (0.99, 2)
     with pytest.raises(ValueError, match="KEY=VALUE"):
         config_from_args(build_parser().parse_args(["train", "--data", "d", "--set", "oops"]))
+
+
+def test_time_based_lr_drop(data_dir, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_cfg(data_dir, tmp_path / "run", max_steps=4, time_limit=10.0,
+                               lr_drop_time=0.5, warmup_steps=0))
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    lrs = []
+    original = trainer.train_step
+
+    def step(batches):
+        out = original(batches)
+        clock[0] += 100.0  # 100 s per step: the drop is due after 3 steps (5 of 10 minutes)
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        return out
+
+    trainer.train_step = step
+    trainer.fit()
+    assert trainer.scheduler.lr_lambdas[0].time_dropped
+    # lr after each step: the drop comes once 300 s of the 600 s limit have passed
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4])
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-4, 1e-4])
+    ckpt = safe_torch_load(tmp_path / "run" / "last.pt")
+    assert ckpt["scheduler"]["lr_lambdas"][0]["time_dropped"] is True  # survives --resume

@@ -68,6 +68,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     lr_drop: list[int] = field(default_factory=lambda: [40])  # epochs where lr *= lr_gamma
     lr_gamma: float = 0.1
+    # time-budgeted runs: multiply the lr by lr_gamma once this fraction of time_limit has passed
+    lr_drop_time: float | None = None
     warmup_steps: int = 0  # linear warm-up of every lr from 0.1% over this many steps
     clip_max_norm: float = 0.1
     amp: str = "none"  # "bf16" or "fp16" (CUDA only)
@@ -180,9 +182,11 @@ class LrSchedule:
 
     def __init__(self, warmup_steps: int, drop_steps: list[int], gamma: float):
         self.warmup_steps, self.drop_steps, self.gamma = warmup_steps, drop_steps, gamma
+        self.time_dropped = False  # set once a time-based drop (TrainConfig.lr_drop_time) is due
 
     def __call__(self, step: int) -> float:
-        factor = self.gamma ** sum(step >= s for s in self.drop_steps)
+        drops = sum(step >= s for s in self.drop_steps) + int(self.time_dropped)
+        factor = self.gamma ** drops
         if self.warmup_steps and step < self.warmup_steps:
             factor *= 0.001 + 0.999 * step / self.warmup_steps
         return factor
@@ -365,6 +369,18 @@ class Trainer:
                           collate_fn=collate, num_workers=self.cfg.num_workers,
                           persistent_workers=False, pin_memory=self.device.type == "cuda")
 
+    def _maybe_drop_lr_by_time(self, started: float) -> None:
+        cfg, schedule = self.cfg, self.scheduler.lr_lambdas[0]
+        if (cfg.lr_drop_time is None or cfg.time_limit is None or schedule.time_dropped
+                or (time.time() - started) / 60 < cfg.lr_drop_time * cfg.time_limit):
+            return
+        schedule.time_dropped = True  # shared by every parameter group; saved in checkpoints
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                  strict=True):  # at once, not from the next step
+            group["lr"] = base_lr * schedule(self.scheduler.last_epoch)
+        logger.info("lr x %g after %.0f%% of the time limit (step %d)", cfg.lr_gamma,
+                    100 * cfg.lr_drop_time, self.step)
+
     def _budget_left(self, started: float) -> bool:
         cfg = self.cfg
         if cfg.max_steps is not None and self.step >= cfg.max_steps:
@@ -463,6 +479,7 @@ class Trainer:
                                "images_seen": self.images_seen,
                                "minutes": (time.time() - started) / 60,
                                "lr": self.optimizer.param_groups[0]["lr"], **losses})
+                self._maybe_drop_lr_by_time(started)
                 if not self._budget_left(started):
                     stopped_early = True
                     break
@@ -581,6 +598,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--lr-drop", type=int, nargs="*", default=d.lr_drop, help="epochs")
     p.add_argument("--lr-gamma", type=float, default=d.lr_gamma)
+    p.add_argument("--lr-drop-time", type=float, default=d.lr_drop_time, metavar="FRACTION",
+                   help="with --time-limit: multiply the lr by --lr-gamma once this fraction "
+                   "of the time has passed")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--clip-max-norm", type=float, default=d.clip_max_norm, help="0 disables")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default=d.amp, help="CUDA only")
