@@ -34,7 +34,7 @@ NAIVE = {  # the issue's baseline: authors' recipe with a trainable ResNet-18 fr
                         "num_queries": 30, "two_stage": False},
     "batch_size": 8, "lr": 2e-4, "lr_backbone": 2e-4, "warmup_steps": 0, "clip_max_norm": 0.1,
     "image_size": 160, "match_repeat": 1, "no_crop": False, "no_multi_scale": False,
-    "cls_loss_coef": 1.0, "set_cost_class": 1.0,
+    "cls_loss_coef": 1.0,
 }
 
 
@@ -56,7 +56,8 @@ RECIPES = {
     "demo-layer3": _variant(model_overrides={"backbone_return_layer": "layer3"}),
     "demo-multi-scale": _variant(no_multi_scale=False),
     "demo-no-o2m": _variant(match_repeat=1),
-    "demo-cls1": _variant(cls_loss_coef=1.0, set_cost_class=1.0),
+    "demo-cls1": _variant(cls_loss_coef=1.0),
+    "demo-no-lr-drop": _variant(lr_drop_time=None),
     "demo-lr2e-4": _variant(lr=2e-4, lr_backbone=2e-4, warmup_steps=0),
     "demo-frozen-bn": _variant(model_overrides={"backbone_norm": "frozen"}),
     "demo-clip0.1": _variant(clip_max_norm=0.1),
