@@ -55,7 +55,7 @@ RECIPES = {
     "demo-no-two-stage": _variant(model_overrides={"two_stage": False}),
     "demo-layer3": _variant(model_overrides={"backbone_return_layer": "layer3"}),
     "demo-multi-scale": _variant(no_multi_scale=False),
-    "demo-no-o2m": _variant(match_repeat=1),
+    "demo+o2m": _variant(match_repeat=3),
     "demo-cls1": _variant(cls_loss_coef=1.0),
     "demo-no-lr-drop": _variant(lr_drop_time=None),
     "demo-lr2e-4": _variant(lr=2e-4, lr_backbone=2e-4, warmup_steps=0),
@@ -91,23 +91,25 @@ def plot(out: Path, names: list[str]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name in names:
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    colors = plt.cm.tab20.colors
+    for i, name in enumerate(names):
         hist = load_history(out / name)
         if not hist:
             continue
         mins = [h["minutes"] for h in hist]
         imgs = [h["images_seen"] / 1000 for h in hist]
-        axes[0].plot(mins, [h["AP50"] for h in hist], marker=".", label=name)
-        axes[1].plot(mins, [h["AP"] for h in hist], marker=".", label=name)
-        axes[2].plot(imgs, [h["AP"] for h in hist], marker=".", label=name)
+        style = {"marker": ".", "label": name, "color": colors[(2 * i) % 20 + (2 * i) // 20 % 2]}
+        axes[0].plot(mins, [h["AP50"] for h in hist], **style)
+        axes[1].plot(mins, [h["AP"] for h in hist], **style)
+        axes[2].plot(imgs, [h["AP"] for h in hist], **style)
     for ax, (x, y) in zip(axes, [("minutes (wall clock)", "val AP50"),
                                  ("minutes (wall clock)", "val AP"),
                                  ("thousand images seen", "val AP")], strict=True):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     path = out / "convergence.png"
     fig.savefig(path, dpi=100)

@@ -27,7 +27,6 @@ DEMO_RECIPE: dict[str, Any] = {
     "image_size": 128,
     "no_multi_scale": True,  # train at the 128 px the images have (multi-scale shrinks objects)
     "no_crop": True,
-    "match_repeat": 3,  # one-to-many matching on the auxiliary decoder layers
     "cls_loss_coef": 2.0,  # focal-loss weight 2 instead of the published 1 (as Deformable
     # DETR); the matching cost of the class is 2 in both
     "lr_drop_time": 0.8,  # lr x 0.1 for the last fifth of the training time
