@@ -269,6 +269,21 @@ def run_child(script: str, args: list[str], threads: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def memory_report(script: str, sides, weights, device: str, args: list[str],
+                  title: str) -> str:
+    """Run `script` once per side in a fresh child process (`--child-side SIDE
+    --child-weights W --device D --threads T` plus `args`) and format the peak memories."""
+    import torch
+
+    threads = torch.get_num_threads()
+    results = {
+        side: run_child(script, ["--child-side", side, "--child-weights", str(weights),
+                                 "--device", device, "--threads", str(threads), *args], threads)
+        for side in sides
+    }
+    return "\n".join([title, *memory_lines(results)])
+
+
 def memory_lines(results: dict[str, dict]) -> list[str]:
     """Format child results {side: {"model_mib", "peak_mib", "exact"}}."""
     lines = [f"  {'side':<24} {'model MiB':>10} {'peak growth MiB':>16}"]

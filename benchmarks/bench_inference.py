@@ -152,16 +152,9 @@ def bench_size(runs: dict, weights: Path, size: tuple[int, int], device: str, wa
     for side in sides[1:]:
         print(_common.ratio_line(f"transformers/{side}", times["transformers"], times[side]))
     if memory:
-        threads = torch.get_num_threads()
-        results = {
-            side: _common.run_child(__file__, [
-                "--child-side", side, "--child-weights", str(weights), "--device", device,
-                "--sizes", f"{h}x{w}", "--threads", str(threads),
-            ], threads)
-            for side in sides
-        }
-        print("  peak memory of one forward (fresh process per side, after a warm-up):")
-        print("\n".join(_common.memory_lines(results)))
+        print(_common.memory_report(
+            __file__, sides, weights, device, ["--sizes", f"{h}x{w}"],
+            "  peak memory of one forward (fresh process per side, after a warm-up):"))
 
 
 if __name__ == "__main__":

@@ -164,18 +164,10 @@ def main(argv: list[str] | None = None) -> None:
         for side in SIDES[:-1]:
             print(_common.ratio_line(f"{side}/ours", times[side], times["ours"]))
         if memory:
-            threads = torch.get_num_threads()
-            extra = ["--amp"] if args.amp else []
-            results = {
-                side: _common.run_child(__file__, [
-                    "--child-side", side, "--child-weights", str(weights), "--device", device,
-                    "--batch", str(args.batch), "--size", f"{size[0]}x{size[1]}",
-                    "--threads", str(threads), *extra,
-                ], threads)
-                for side in SIDES
-            }
-            print("  peak memory of one step (fresh process per side, after a warm-up step):")
-            print("\n".join(_common.memory_lines(results)))
+            extra = ["--batch", str(args.batch), "--size", f"{size[0]}x{size[1]}"]
+            print(_common.memory_report(
+                __file__, SIDES, weights, device, extra + (["--amp"] if args.amp else []),
+                "  peak memory of one step (fresh process per side, after a warm-up step):"))
 
 
 if __name__ == "__main__":

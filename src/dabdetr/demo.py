@@ -93,17 +93,18 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
     last = out / "train" / "last.pt"
     resuming = resume and last.exists()
     recipe.update(recipe_overrides or {})
-    budget = minutes * 60 - (time.time() - started) - RESERVE_SECONDS
-    if budget <= 0 and max_steps is None:
+
+    def budget_minutes() -> float:  # what is left of --minutes for training
+        return (minutes * 60 - (time.time() - started) - RESERVE_SECONDS) / 60
+
+    if budget_minutes() <= 0 and max_steps is None:
         raise DemoError(f"--minutes {minutes} leaves no time to train after data generation")
     cfg = TrainConfig(data=str(data), out=str(out / "train"), epochs=10_000,
-                      time_limit=max(budget, 0.05 * 60) / 60, max_steps=max_steps, seed=seed,
+                      max_steps=max_steps, seed=seed,
                       lr_drop=[], eval_every=1, backbone_weights=backbone_weights,
                       num_workers=1, progress=progress, eval_batch_size=16, **recipe)
     trainer = Trainer(cfg, resume=str(last) if resuming else None, device=device)
-    # the training budget is what is left of --minutes after set-up
-    budget = minutes * 60 - (time.time() - started) - RESERVE_SECONDS
-    cfg.time_limit = max(budget, 0.05 * 60) / 60
+    cfg.time_limit = max(budget_minutes(), 0.05)  # counted after set-up
     if resuming:
         # a resumed demo gets a fresh time budget on top of the time already trained
         cfg.time_limit += trainer.train_seconds / 60

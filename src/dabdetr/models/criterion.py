@@ -183,11 +183,13 @@ class SetCriterion(nn.Module):
         k = self.enc_match_repeat
         enc_targets = targets if k == 1 else _repeat_targets(targets, k)
         indices = self.matcher(enc, enc_targets)
-        losses = {}
-        for name, value in self.layer_losses(enc, enc_targets, indices, num_boxes * k).items():
-            losses[f"{name}_enc"] = value
-            self.weight_dict.setdefault(f"{name}_enc", self.base_weight_dict[name])
-        return losses
+        return self._named(self.layer_losses(enc, enc_targets, indices, num_boxes * k), "_enc")
+
+    def _named(self, losses: dict[str, Tensor], suffix: str) -> dict[str, Tensor]:
+        """`losses` with `suffix` on every name, each weighted like its unsuffixed term."""
+        for name in losses:
+            self.weight_dict.setdefault(name + suffix, self.base_weight_dict[name])
+        return {name + suffix: value for name, value in losses.items()}
 
     def _repeat_for(self, layer: int) -> int:
         if self.match_repeat_layers is None or layer in self.match_repeat_layers:
@@ -282,10 +284,8 @@ class SetCriterion(nn.Module):
         layers = [("", dn), *((f"_{i}", a) for i, a in enumerate(dn.aux_outputs))]
         losses: dict[str, Tensor] = {}
         for suffix, pred in layers:
-            for name, value in self.layer_losses(pred, targets, indices, norm).items():
-                key = f"{name}_dn{suffix}"
-                losses[key] = value
-                self.weight_dict.setdefault(key, self.base_weight_dict[name])
+            losses.update(self._named(self.layer_losses(pred, targets, indices, norm),
+                                      f"_dn{suffix}"))
         return losses
 
 

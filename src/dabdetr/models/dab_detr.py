@@ -66,6 +66,11 @@ def _anchor_load_hook(module: AnchorQueries, state_dict: dict, prefix: str, *arg
         state_dict[prefix + "full"] = weight
 
 
+def _flatten_maps(src: Tensor, pos: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, d, h, w] maps and [B, h, w] mask -> [B, S, d], [B, S, d], [B, S] (row-major cells)."""
+    return src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2), mask.flatten(1)
+
+
 class QuerySelection(nn.Module):
     """Two-stage query selection on the encoder output (Deformable DETR / DINO style).
 
@@ -204,6 +209,10 @@ class DabDetr(nn.Module):
     def encode_image(self, images: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Backbone + projection: returns src [B, S, d], pos [B, S, d], mask [B, S] (True pad)
         with S = h * w feature cells (row-major)."""
+        return _flatten_maps(*self.feature_maps(images, mask))
+
+    def feature_maps(self, images: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """encode_image before flattening: src [B, d, h, w], pos [B, d, h, w], mask [B, h, w]."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
         if mask is None:
@@ -216,16 +225,15 @@ class DabDetr(nn.Module):
             )
         features, feat_mask = self.backbone(images, mask, self.config.pad_invariant)
         pos = self.position_embedding(feat_mask).to(features.dtype)
-        src = self.input_proj(features)
-        return (src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2),
-                feat_mask.flatten(1))
-
+        return self.input_proj(features), pos, feat_mask
 
     def forward(self, images: Tensor, mask: Tensor | None = None,
                 targets: list[dict[str, Tensor]] | None = None) -> DetectionOutput:
         """`targets` (normalized cxcywh `boxes`, `labels`) are only read in training with
         denoising on (config.dn_groups > 0); they never change the matching queries' output."""
-        src, pos, feat_mask = self.encode_image(images, mask)
+        src, pos, feat_mask = self.feature_maps(images, mask)
+        height, width = feat_mask.shape[-2:]
+        src, pos, feat_mask = _flatten_maps(src, pos, feat_mask)
         bbox_embed = self.bbox_embed if self.config.iter_update else None
         cfg = self.config
         dn = None
@@ -236,7 +244,6 @@ class DabDetr(nn.Module):
         memory = self.transformer.encode(src, pos, feat_mask)
         enc_outputs = None
         if self.query_selection is not None:
-            height, width = self._feature_shape(images.shape[-2:])
             enc_outputs, anchors = self.query_selection(memory, feat_mask, height, width)
         else:
             anchors = self.refpoint_embed.weight
@@ -254,11 +261,6 @@ class DabDetr(nn.Module):
             out.dn_meta = dn.meta
         out.enc_outputs = enc_outputs
         return out
-
-    def _feature_shape(self, image_hw: torch.Size) -> tuple[int, int]:
-        """(h, w) of the backbone feature map for a padded input of size image_hw."""
-        stride = self.backbone.stride
-        return -(-int(image_hw[0]) // stride), -(-int(image_hw[1]) // stride)
 
     def heads(self, hs: Tensor, references: Tensor) -> DetectionOutput:
         """Class and box heads on every decoder layer.
