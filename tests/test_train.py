@@ -259,12 +259,14 @@ def test_cli_switches_reach_the_config():
     args = build_parser().parse_args([
         "train", "--data", "d", "--dn-groups", "3", "--dn-box-noise", "0.3", "--match-repeat",
         "2", "--no-multi-scale", "--ema-decay", "0.99", "--accumulate", "2", "--two-stage",
-        "--set", "num_queries=50", "dilation=true"])
+        "--enc-match-repeat", "3", "--lr-drop-time", "0.8", "--set", "num_queries=50",
+        "dilation=true"])
     cfg = config_from_args(args)
     assert cfg.model_overrides == {"num_queries": 50, "dilation": True, "dn_groups": 3,
                                    "dn_label_noise": 0.2, "dn_box_noise": 0.3, "two_stage": True}
     assert cfg.match_repeat == 2 and cfg.no_multi_scale and cfg.recipe().scales == (800,)
     assert (cfg.ema_decay, cfg.accumulate) == (0.99, 2)
+    assert (cfg.enc_match_repeat, cfg.lr_drop_time) == (3, 0.8)
     with pytest.raises(ValueError, match="KEY=VALUE"):
         config_from_args(build_parser().parse_args(["train", "--data", "d", "--set", "oops"]))
 
@@ -291,3 +293,12 @@ def test_time_based_lr_drop(data_dir, tmp_path, monkeypatch):
     assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-4, 1e-4])
     ckpt = safe_torch_load(tmp_path / "run" / "last.pt")
     assert ckpt["scheduler"]["lr_lambdas"][0]["time_dropped"] is True  # survives --resume
+
+
+def test_bad_recipe_switches_are_refused_clearly(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="lr_drop_time"):
+        Trainer(tiny_cfg(data_dir, tmp_path / "a", lr_drop_time=1.5, time_limit=1.0))
+    with pytest.raises(ValueError, match="needs a time limit"):
+        Trainer(tiny_cfg(data_dir, tmp_path / "b", lr_drop_time=0.8))
+    with pytest.raises(ValueError, match="enc_match_repeat"):
+        Trainer(tiny_cfg(data_dir, tmp_path / "c", enc_match_repeat=0))

@@ -133,3 +133,8 @@ def test_one_to_many_matching_of_encoder_proposals():
     enc_calls = [c for c in calls if c[0] == 16]  # 4 x 4 cells
     assert enc_calls == [(16, [6, 3])]  # each target matched to 3 distinct cells
     assert all(c[1] == [2, 1] for c in calls if c[0] == 8)  # decoder layers stay one-to-one
+
+
+def test_layer2_output_refuses_dilation():
+    with pytest.raises(ValueError, match="cannot be used with layer2"):
+        DabDetr(tiny_config(backbone_return_layer="layer2", dilation=True))

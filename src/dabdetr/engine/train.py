@@ -234,6 +234,10 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.out = Path(cfg.out)
         seed_everything(cfg.seed, cfg.deterministic)
+        if cfg.lr_drop_time is not None and not (0 < cfg.lr_drop_time <= 1
+                                                 and cfg.time_limit is not None):
+            raise ValueError(f"lr_drop_time={cfg.lr_drop_time} needs a time limit and a value in "
+                             "(0, 1]: the fraction of --time-limit after which the lr drops")
         if cfg.amp != "none" and self.device.type != "cuda":
             raise ValueError(f"amp={cfg.amp!r} needs a CUDA device; this run is on {self.device}")
 
