@@ -100,11 +100,11 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
     if budget_minutes() <= 0 and max_steps is None:
         raise DemoError(f"--minutes {minutes} leaves no time to train after data generation")
     cfg = TrainConfig(data=str(data), out=str(out / "train"), epochs=10_000,
-                      max_steps=max_steps, seed=seed,
+                      time_limit=max(budget_minutes(), 0.05), max_steps=max_steps, seed=seed,
                       lr_drop=[], eval_every=1, backbone_weights=backbone_weights,
                       num_workers=1, progress=progress, eval_batch_size=16, **recipe)
     trainer = Trainer(cfg, resume=str(last) if resuming else None, device=device)
-    cfg.time_limit = max(budget_minutes(), 0.05)  # counted after set-up
+    cfg.time_limit = max(budget_minutes(), 0.05)  # again, now that set-up is done
     if resuming:
         # a resumed demo gets a fresh time budget on top of the time already trained
         cfg.time_limit += trainer.train_seconds / 60
