@@ -133,10 +133,17 @@ def interleaved(fns: dict[str, Callable[[], object]], warmup: int, reps: int,
 
 
 def ratio_line(label: str, slow: list[float], fast: list[float]) -> str:
-    """'ratio A/B: x (best), y (median)': how many times faster `fast` is than `slow`."""
+    """'ratio A/B: x (best), y (median), z (paired)': how many times faster `fast` is than
+    `slow`. `paired` is the median over rounds of the ratio within each round (from
+    `interleaved`, where both ran back to back), which cancels slow drifts of the host's speed
+    that shift the two medians differently."""
     best = min(slow) / min(fast)
     median = statistics.median(slow) / statistics.median(fast)
-    return f"ratio {label}: {best:.2f}x (best), {median:.2f}x (median)"
+    line = f"ratio {label}: {best:.2f}x (best), {median:.2f}x (median)"
+    if len(slow) == len(fast) > 1:
+        paired = statistics.median(s / f for s, f in zip(slow, fast, strict=True))
+        line += f", {paired:.2f}x (paired)"
+    return line
 
 
 def time_row(name: str, seconds: list[float], per: int = 1, flops: float | None = None,

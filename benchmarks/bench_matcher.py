@@ -74,7 +74,7 @@ def measure_step(tiny: bool, device: str, reps: int) -> tuple[float, float, int]
     images, mask, targets = bench_train.make_batch(2, size, device)
     matcher = TimedMatcher(device)
     criterion = SetCriterion(config.num_classes, matcher=matcher)
-    optimizer = bench_train._optimizer(model, "backbone.")
+    optimizer = bench_train.ours_optimizer(model)
 
     def step():
         optimizer.zero_grad(set_to_none=True)

@@ -2,8 +2,10 @@
 
 A step is: zero_grad, forward, set loss with auxiliary (per decoder layer) terms, backward,
 gradient clipping at 0.1, AdamW step (lr 1e-4, backbone 1e-5, weight decay 1e-4) — the
-published recipe. Ours uses SetCriterion (HungarianMatcher, focal + L1 + GIoU); transformers
-computes its own loss from `labels` (auxiliary_loss=True). transformers is run twice: as
+published recipe. Ours uses SetCriterion (HungarianMatcher, focal + L1 + GIoU) and the optimizer
+`dabdetr.engine.train.build_optimizer` makes; transformers computes its own loss from `labels`
+(auxiliary_loss=True) and gets the AdamW its Trainer uses by default (`adamw_torch_fused`, torch's
+fused kernel, for torch >= 2.8), so both sides run the same fused AdamW kernel. transformers is run twice: as
 shipped ("transformers", which trains its whole backbone) and restricted to the parameters
 ours trains ("transformers-frozen": backbone layer2..layer4; upstream freezes the stem and
 layer1). Steps alternate between the models; peak memory is measured per side in a fresh child
@@ -54,13 +56,24 @@ def make_batch(batch: int, size: tuple[int, int], device: str, seed: int = 0):
     return images, mask, targets
 
 
-def _optimizer(model: torch.nn.Module, backbone_prefix: str) -> torch.optim.AdamW:
+def _transformers_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
+    """The recipe's AdamW as transformers' Trainer builds it by default (optim
+    "adamw_torch_fused" for torch >= 2.8): torch's fused kernel."""
     backbone = [p for n, p in model.named_parameters()
-                if p.requires_grad and n.startswith(backbone_prefix)]
+                if p.requires_grad and n.startswith("model.backbone.")]
     rest = [p for n, p in model.named_parameters()
-            if p.requires_grad and not n.startswith(backbone_prefix)]
+            if p.requires_grad and not n.startswith("model.backbone.")]
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": BACKBONE_LR}],
-                             lr=LR, weight_decay=WEIGHT_DECAY)
+                             lr=LR, weight_decay=WEIGHT_DECAY, fused=fused)
+
+
+def ours_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The recipe's AdamW as `dabdetr train` builds it."""
+    from dabdetr.engine.train import TrainConfig, build_optimizer
+
+    return build_optimizer(
+        model, TrainConfig(lr=LR, lr_backbone=BACKBONE_LR, weight_decay=WEIGHT_DECAY))
 
 
 def build_side(side: str, weights: Path, device: str, amp: bool, batch_data):
@@ -74,7 +87,7 @@ def build_side(side: str, weights: Path, device: str, amp: bool, batch_data):
             for name, p in model.model.backbone.named_parameters():
                 if not any(f"layer{i}." in name for i in (2, 3, 4)):
                     p.requires_grad_(False)
-        optimizer = _optimizer(model, "model.backbone.")
+        optimizer = _transformers_optimizer(model)
         labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
         pixel_mask = (~mask).long()
 
@@ -86,7 +99,7 @@ def build_side(side: str, weights: Path, device: str, amp: bool, batch_data):
 
         model = dabdetr.load_model(weights, device=device).train()
         criterion = SetCriterion(model.config.num_classes)
-        optimizer = _optimizer(model, "backbone.")
+        optimizer = ours_optimizer(model)
 
         def loss_fn():
             return criterion.weighted_total(criterion(model(images, mask), targets))

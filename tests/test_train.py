@@ -302,3 +302,35 @@ def test_bad_recipe_switches_are_refused_clearly(data_dir, tmp_path):
         Trainer(tiny_cfg(data_dir, tmp_path / "b", lr_drop_time=0.8))
     with pytest.raises(ValueError, match="enc_match_repeat"):
         Trainer(tiny_cfg(data_dir, tmp_path / "c", enc_match_repeat=0))
+
+
+def test_optimizer_is_fused_adamw_with_the_same_update():
+    """`build_optimizer` uses torch's fused AdamW on CPU; one step moves every parameter as the
+    per-parameter AdamW does (up to float rounding), with the backbone's own learning rate."""
+    from dabdetr.engine.train import build_optimizer
+
+    torch.manual_seed(0)
+    model = dabdetr.DabDetr(dabdetr.DabDetrConfig(
+        backbone="resnet18", enc_layers=1, dec_layers=1, dim_feedforward=64, hidden_dim=32,
+        num_queries=5))
+    reference = dabdetr.DabDetr(model.config)
+    reference.load_state_dict(model.state_dict())
+    cfg = TrainConfig(lr=1e-3, lr_backbone=1e-4, weight_decay=1e-2)
+    fused = build_optimizer(model, cfg)
+    assert fused.defaults["fused"] is True
+    assert [g["lr"] for g in fused.param_groups] == [1e-3, 1e-4]
+    plain = torch.optim.AdamW(
+        [{"params": [p for n, p in reference.named_parameters()
+                     if p.requires_grad and not n.startswith("backbone.")]},
+         {"params": [p for n, p in reference.named_parameters()
+                     if p.requires_grad and n.startswith("backbone.")], "lr": 1e-4}],
+        lr=1e-3, weight_decay=1e-2, foreach=False)
+    for net, opt in ((model, fused), (reference, plain)):
+        for step in range(2):
+            torch.manual_seed(step)
+            for p in net.parameters():
+                if p.requires_grad:
+                    p.grad = torch.randn_like(p)
+            opt.step()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
