@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA, or CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
-    parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 3)")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     _common.add_child_arguments(parser, tiny_size="128x128")
     args = parser.parse_args(argv)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         child_memory(args, batch_data)
         return
     warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 1)
-    reps = args.reps if args.reps is not None else (1 if args.tiny else 3)
+    reps = args.reps if args.reps is not None else (1 if args.tiny else 8)
     memory = args.memory if args.memory is not None else not args.tiny
     device = args.device
 
