@@ -84,6 +84,23 @@ def test_resume_continues_exactly(data_dir, tmp_path):
         assert torch.equal(st["exp_avg"], opt_b["state"][idx]["exp_avg"])
 
 
+def test_resume_uses_this_machines_optimizer_kernel(data_dir, tmp_path):
+    """A checkpoint saved with the per-parameter AdamW (older runs, or a device without the
+    fused kernel) resumes with the kernel this machine supports."""
+    first = Trainer(tiny_cfg(data_dir, tmp_path / "run", max_steps=2))
+    first.fit()
+    ckpt = safe_torch_load(tmp_path / "run" / "last.pt")
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["fused"], group["foreach"] = None, None
+    torch.save(ckpt, tmp_path / "old.pt")
+    resumed = Trainer(tiny_cfg(data_dir, tmp_path / "run", max_steps=3),
+                      resume=str(tmp_path / "old.pt"))
+    assert [g["fused"] for g in resumed.optimizer.param_groups] == [True] * len(
+        resumed.optimizer.param_groups)
+    resumed.fit()
+    assert resumed.step == 3
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

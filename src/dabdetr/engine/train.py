@@ -332,6 +332,10 @@ class Trainer:
             raise ValueError(f"{path} was trained with another model config; cannot resume")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:
+            # the kernel follows this machine, not the one that saved the checkpoint
+            group["fused"] = self.optimizer.defaults["fused"]
+            group["foreach"] = self.optimizer.defaults["foreach"]
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
