@@ -2,14 +2,15 @@
 
 A step is: zero_grad, forward, set loss with auxiliary (per decoder layer) terms, backward,
 gradient clipping at 0.1, AdamW step (lr 1e-4, backbone 1e-5, weight decay 1e-4) — the
-published recipe. Ours uses SetCriterion (HungarianMatcher, focal + L1 + GIoU) and the optimizer
-`dabdetr.engine.train.build_optimizer` makes; transformers computes its own loss from `labels`
-(auxiliary_loss=True) and gets the AdamW its Trainer uses by default (`adamw_torch_fused`, torch's
-fused kernel, for torch >= 2.8), so both sides run the same fused AdamW kernel. transformers is run twice: as
-shipped ("transformers", which trains its whole backbone) and restricted to the parameters
-ours trains ("transformers-frozen": backbone layer2..layer4; upstream freezes the stem and
-layer1). Steps alternate between the models; peak memory is measured per side in a fresh child
-process (after one warm-up step, which creates the optimizer state).
+published recipe. Ours uses SetCriterion (HungarianMatcher, focal + L1 + GIoU) and the
+optimizer `dabdetr.engine.train.build_optimizer` makes. transformers computes its own loss from
+`labels` (auxiliary_loss=True) and gets the AdamW its Trainer builds by default
+(`adamw_torch_fused` for torch >= 2.8), so both sides run torch's fused AdamW kernel.
+transformers is run twice: as shipped ("transformers", which trains its whole backbone) and
+restricted to the parameters ours trains ("transformers-frozen": backbone layer2..layer4;
+upstream freezes the stem and layer1). Steps alternate between the models; peak memory is
+measured per side in a fresh child process (after one warm-up step, which creates the
+optimizer state).
 
     python benchmarks/bench_train.py                       # R50, batch 2 at 512x512, CPU
     python benchmarks/bench_train.py --device cuda --amp   # bf16 autocast
