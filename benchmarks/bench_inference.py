@@ -6,11 +6,13 @@ that in transformers. Then, per image size, batch 1: interleaved forward passes 
 transformers, ours (plain) and ours after `dabdetr.optimize.optimize_for_inference`; ms/img,
 achieved GFLOP/s (FLOPs counted once with FlopCounterMode) against a 2048^2 matmul measured in
 the same run, the max abs difference of logits and boxes, and peak memory per side measured in
-fresh child processes.
+fresh child processes. With `--authors-repo PATH` (a checkout of IDEA-Research/DAB-DETR) the
+authors' own model runs as a further side ("authors"), with the same weights.
 
     python benchmarks/bench_inference.py                      # R50, 800x1088 and 640x640
     python benchmarks/bench_inference.py --dc5 --sizes 800x1088
     python benchmarks/bench_inference.py --device cuda
+    python benchmarks/bench_inference.py --authors-repo ../DAB-DETR  # + the authors' code
     python benchmarks/bench_inference.py --tiny               # CI smoke test (seconds)
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _authors  # noqa: E402
 import _common  # noqa: E402
 
 from dabdetr import DabDetrConfig  # noqa: E402
@@ -40,8 +43,19 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def build_side(side: str, weights: Path, device: str):
+def build_side(side: str, weights: Path, device: str, authors_repo: Path | None = None):
     """A callable (images, mask) -> (logits, boxes) for one side, loaded from `weights`."""
+    if side == "authors":
+        import dabdetr
+
+        theirs, _ = _authors.build(authors_repo, dabdetr.load_model(weights), device)
+        theirs.requires_grad_(False)
+
+        def run(images, mask):
+            out = theirs(_authors.nested(images, mask))
+            return out["pred_logits"], out["pred_boxes"]
+
+        return run
     if side == "transformers":
         model = _common.load_transformers(weights, device).requires_grad_(False)
 
@@ -71,7 +85,7 @@ def child_memory(args: argparse.Namespace) -> None:
     """Child process: load one side, one warm-up forward, then the peak of one forward."""
     device = args.device
     before = _common.resident_mib(device)
-    run = build_side(args.child_side, Path(args.child_weights), device)
+    run = build_side(args.child_side, Path(args.child_weights), device, args.authors_repo)
     model_mib = _common.resident_mib(device) - before
     h, w = args.sizes[0]
     images = torch.randn(1, 3, h, w, device=device)
@@ -94,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--int8", action="store_true",
                         help="also time ours with dynamic int8 Linear layers (CPU)")
+    _authors.add_argument(parser)
     _common.add_child_arguments(parser, tiny_size="128x160")
     args = parser.parse_args(argv)
     if args.threads:
@@ -116,16 +131,20 @@ def main(argv: list[str] | None = None) -> None:
     peak = _common.matmul_peak_gflops(device)
     print(f"# matmul peak (2048^2 fp32): {peak:.0f} GFLOP/s")
     sides = list(SIDES) + (["ours-int8"] if args.int8 else [])
+    if args.authors_repo is not None:
+        sides.insert(1, "authors")
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = _common.export_for_transformers(_common.random_model(config), Path(tmp) / "hf")
-        runs = {side: build_side(side, weights, device) for side in sides}
+        runs = {side: build_side(side, weights, device, args.authors_repo) for side in sides}
+        child_args = ([] if args.authors_repo is None
+                      else ["--authors-repo", str(args.authors_repo)])
         for h, w in args.sizes:
-            bench_size(runs, weights, (h, w), device, warmup, reps, peak, memory)
+            bench_size(runs, weights, (h, w), device, warmup, reps, peak, memory, child_args)
 
 
 def bench_size(runs: dict, weights: Path, size: tuple[int, int], device: str, warmup: int,
-               reps: int, peak: float, memory: bool) -> None:
+               reps: int, peak: float, memory: bool, child_args: list[str]) -> None:
     """Time, compare and (optionally) measure the memory of every side at one image size."""
     h, w = size
     sides = list(runs)
@@ -151,9 +170,12 @@ def bench_size(runs: dict, weights: Path, size: tuple[int, int], device: str, wa
               f"{(boxes - ref_boxes).abs().max().item():.2e}")
     for side in sides[1:]:
         print(_common.ratio_line(f"transformers/{side}", times["transformers"], times[side]))
+    if "authors" in runs:
+        for side in sides[2:]:
+            print(_common.ratio_line(f"authors/{side}", times["authors"], times[side]))
     if memory:
         print(_common.memory_report(
-            __file__, sides, weights, device, ["--sizes", f"{h}x{w}"],
+            __file__, sides, weights, device, ["--sizes", f"{h}x{w}", *child_args],
             "  peak memory of one forward (fresh process per side, after a warm-up):"))
 
 

@@ -8,12 +8,15 @@ optimizer `dabdetr.engine.train.build_optimizer` makes. transformers computes it
 (`adamw_torch_fused` for torch >= 2.8), so both sides run torch's fused AdamW kernel.
 transformers is run twice: as shipped ("transformers", which trains its whole backbone) and
 restricted to the parameters ours trains ("transformers-frozen": backbone layer2..layer4;
-upstream freezes the stem and layer1). Steps alternate between the models; peak memory is
-measured per side in a fresh child process (after one warm-up step, which creates the
-optimizer state).
+upstream freezes the stem and layer1). With `--authors-repo PATH` (a checkout of
+IDEA-Research/DAB-DETR) the authors' own model and SetCriterion run as a further side
+("authors"), with the param groups of their main.py and the same fused AdamW. Steps alternate
+between the models; peak memory is measured per side in a fresh child process (after one
+warm-up step, which creates the optimizer state).
 
     python benchmarks/bench_train.py                       # R50, batch 2 at 512x512, CPU
     python benchmarks/bench_train.py --device cuda --amp   # bf16 autocast
+    python benchmarks/bench_train.py --authors-repo ../DAB-DETR  # + the authors' code
     python benchmarks/bench_train.py --tiny                # CI smoke test
 """
 
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _authors  # noqa: E402
 import _common  # noqa: E402
 
 from dabdetr import DabDetrConfig  # noqa: E402
@@ -77,12 +81,31 @@ def ours_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
         model, TrainConfig(lr=LR, lr_backbone=BACKBONE_LR, weight_decay=WEIGHT_DECAY))
 
 
-def build_side(side: str, weights: Path, device: str, amp: bool, batch_data):
+def build_side(side: str, weights: Path, device: str, amp: bool, batch_data,
+               authors_repo: Path | None = None):
     """(step function returning the loss, number of trainable parameters) for one side."""
     images, mask, targets = batch_data
     autocast = (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
                 if amp else contextlib.nullcontext())
-    if side.startswith("transformers"):
+    if side == "authors":
+        import dabdetr
+
+        model, criterion = _authors.build(authors_repo, dabdetr.load_model(weights), device)
+        model.train()
+        backbone = [p for n, p in model.named_parameters()
+                    if p.requires_grad and _authors.BACKBONE_KEY in n]
+        rest = [p for n, p in model.named_parameters()
+                if p.requires_grad and _authors.BACKBONE_KEY not in n]
+        optimizer = torch.optim.AdamW(
+            [{"params": rest}, {"params": backbone, "lr": BACKBONE_LR}], lr=LR,
+            weight_decay=WEIGHT_DECAY, fused=device.split(":")[0] in ("cpu", "cuda"))
+        samples = _authors.nested(images, mask)
+
+        def loss_fn():  # their engine.train_one_epoch: the weighted sum of the loss dict
+            losses = criterion(model(samples), targets)
+            coef = criterion.weight_dict
+            return sum(losses[k] * coef[k] for k in losses if k in coef)
+    elif side.startswith("transformers"):
         model = _common.load_transformers(weights, device).train()
         if side == "transformers-frozen":  # train layer2..4 of the backbone, like ours
             for name, p in model.model.backbone.named_parameters():
@@ -122,7 +145,8 @@ def build_side(side: str, weights: Path, device: str, amp: bool, batch_data):
 def child_memory(args: argparse.Namespace, batch_data) -> None:
     device = args.device
     before = _common.resident_mib(device)
-    step, _ = build_side(args.child_side, Path(args.child_weights), device, args.amp, batch_data)
+    step, _ = build_side(args.child_side, Path(args.child_weights), device, args.amp, batch_data,
+                         args.authors_repo)
     model_mib = _common.resident_mib(device) - before
     step()  # creates AdamW's state
     with _common.PeakMemory(device) as peak:
@@ -140,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _authors.add_argument(parser)
     _common.add_child_arguments(parser, tiny_size="128x128")
     args = parser.parse_args(argv)
     if args.threads:
@@ -162,25 +187,29 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {_common.machine_info(device)}")
     with tempfile.TemporaryDirectory() as tmp:
         weights = _common.export_for_transformers(_common.random_model(config), Path(tmp) / "hf")
+        sides = SIDES if args.authors_repo is None else ("authors", *SIDES)
         steps, counts, first_loss = {}, {}, {}
-        for side in SIDES:
-            steps[side], counts[side] = build_side(side, weights, device, args.amp, batch_data)
-        print("# trainable parameters: " + ", ".join(f"{s} {counts[s]:,}" for s in SIDES))
-        for side in SIDES:  # the first step doubles as a warm-up round
+        for side in sides:
+            steps[side], counts[side] = build_side(side, weights, device, args.amp, batch_data,
+                                                   args.authors_repo)
+        print("# trainable parameters: " + ", ".join(f"{s} {counts[s]:,}" for s in sides))
+        for side in sides:  # the first step doubles as a warm-up round
             first_loss[side] = steps[side]().item()
         print("# first-step loss (each library's own weighting): "
-              + ", ".join(f"{s} {first_loss[s]:.4f}" for s in SIDES))
+              + ", ".join(f"{s} {first_loss[s]:.4f}" for s in sides))
         times = _common.interleaved(steps, max(warmup - 1, 0), reps, device)
         print(f"\n## {reps} interleaved steps")
         print(f"  {'side':<24} {'best ms':>9} {'median ms':>9}")
-        for side in SIDES:
+        for side in sides:
             print(_common.time_row(side, times[side]))
-        for side in SIDES[:-1]:
+        for side in sides[:-1]:
             print(_common.ratio_line(f"{side}/ours", times[side], times["ours"]))
         if memory:
             extra = ["--batch", str(args.batch), "--size", f"{size[0]}x{size[1]}"]
+            if args.authors_repo is not None:
+                extra += ["--authors-repo", str(args.authors_repo)]
             print(_common.memory_report(
-                __file__, SIDES, weights, device, extra + (["--amp"] if args.amp else []),
+                __file__, sides, weights, device, extra + (["--amp"] if args.amp else []),
                 "  peak memory of one step (fresh process per side, after a warm-up step):"))
 
 

@@ -51,3 +51,13 @@ def test_benchmarks_tiny_with_memory():
     _check(results)
     for script, result in results.items():
         assert "peak" in result.stdout, script
+
+
+def test_authors_repo_that_is_not_a_checkout_is_refused(tmp_path):
+    """--authors-repo must point at a DAB-DETR checkout; anything else is named, not imported."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_train.py"), "--tiny", "--threads", "1",
+         "--authors-repo", str(tmp_path)],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert result.returncode != 0
+    assert "models/DAB_DETR/DABDETR.py" in result.stderr and str(tmp_path) in result.stderr

@@ -153,6 +153,24 @@ def test_cli_convert_official_to_ours_and_hf(golden_dir, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
 
 
+def test_ours_to_official_gives_back_the_authors_state_dict(golden_dir):
+    """Our keys renamed back to the authors' are exactly their checkpoint's 'model' (the
+    num_batches_tracked buffers aside, which their FrozenBatchNorm2d drops when loading)."""
+    from dabdetr.weights.official import official_to_ours, ours_to_official, safe_torch_load
+
+    theirs = safe_torch_load(golden_dir / "checkpoint.pth")["model"]
+    theirs = {k: v for k, v in theirs.items() if not k.endswith("num_batches_tracked")}
+    ours, iter_update = official_to_ours(theirs)
+    assert iter_update
+    model = dabdetr.load_model(golden_dir / "checkpoint.pth")
+    back = ours_to_official(model.state_dict(), model.config.iter_update)
+    assert back.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert torch.equal(back[key], value), key
+    assert "transformer.decoder.bbox_embed.layers.0.weight" not in ours_to_official(
+        ours, iter_update=False)
+
+
 def test_hf_keys_without_timm_wrapper_load(tmp_path):
     """Older transformers files name the timm backbone without the `_backbone` wrapper."""
     from safetensors.torch import load_file, save_file

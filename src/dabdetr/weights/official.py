@@ -176,6 +176,25 @@ def official_to_ours(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], 
     return out, bool(decoder_copy)
 
 
+def ours_to_official(state_dict: dict[str, Tensor], iter_update: bool = True
+                     ) -> dict[str, Tensor]:
+    """Our keys renamed to the authors' (the inverse of `official_to_ours`): the state dict
+    their `DABDETR` module loads. With iterative refinement their decoder holds a second
+    reference to the box head, so its keys appear twice (sharing the tensors)."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith("backbone."):
+            key = "backbone.0." + key.removeprefix("backbone.")
+        elif key.startswith("position_embedding."):
+            key = "backbone.1." + key.removeprefix("position_embedding.")
+        out[key] = value
+    if iter_update:
+        for key, value in state_dict.items():
+            if key.startswith("bbox_embed."):
+                out["transformer.decoder." + key] = value
+    return out
+
+
 def is_official_state_dict(state_dict: dict[str, Any]) -> bool:
     return any(k.startswith("backbone.0.body.") for k in state_dict) and any(
         k.startswith("transformer.decoder.") for k in state_dict
