@@ -10,7 +10,9 @@ transformers is run twice: as shipped ("transformers", which trains its whole ba
 restricted to the parameters ours trains ("transformers-frozen": backbone layer2..layer4;
 upstream freezes the stem and layer1). With `--authors-repo PATH` (a checkout of
 IDEA-Research/DAB-DETR) the authors' own model and SetCriterion run as a further side
-("authors"), with the param groups of their main.py and the same fused AdamW. Steps alternate
+("authors"), with the optimizer their main.py builds: torch.optim.AdamW with torch's default
+kernel choice (a per-parameter loop on the CPU, foreach on CUDA; `--authors-fused-adamw` gives
+them the fused kernel the other sides use, which isolates the model and loss). Steps alternate
 between the models; peak memory is measured per side in a fresh child process (after one
 warm-up step, which creates the optimizer state).
 
@@ -82,7 +84,7 @@ def ours_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def build_side(side: str, weights: Path, device: str, amp: bool, batch_data,
-               authors_repo: Path | None = None):
+               authors_repo: Path | None = None, authors_fused: bool = False):
     """(step function returning the loss, number of trainable parameters) for one side."""
     images, mask, targets = batch_data
     autocast = (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
@@ -96,9 +98,10 @@ def build_side(side: str, weights: Path, device: str, amp: bool, batch_data,
                     if p.requires_grad and _authors.BACKBONE_KEY in n]
         rest = [p for n, p in model.named_parameters()
                 if p.requires_grad and _authors.BACKBONE_KEY not in n]
-        optimizer = torch.optim.AdamW(
+        fused = authors_fused and device.split(":")[0] in ("cpu", "cuda")
+        optimizer = torch.optim.AdamW(  # their main.py: AdamW(param_dicts, lr, weight_decay)
             [{"params": rest}, {"params": backbone, "lr": BACKBONE_LR}], lr=LR,
-            weight_decay=WEIGHT_DECAY, fused=device.split(":")[0] in ("cpu", "cuda"))
+            weight_decay=WEIGHT_DECAY, fused=fused or None)
         samples = _authors.nested(images, mask)
 
         def loss_fn():  # their engine.train_one_epoch: the weighted sum of the loss dict
@@ -146,7 +149,7 @@ def child_memory(args: argparse.Namespace, batch_data) -> None:
     device = args.device
     before = _common.resident_mib(device)
     step, _ = build_side(args.child_side, Path(args.child_weights), device, args.amp, batch_data,
-                         args.authors_repo)
+                         args.authors_repo, args.authors_fused_adamw)
     model_mib = _common.resident_mib(device) - before
     step()  # creates AdamW's state
     with _common.PeakMemory(device) as peak:
@@ -165,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     _authors.add_argument(parser)
+    parser.add_argument("--authors-fused-adamw", action="store_true",
+                        help="give the authors' side torch's fused AdamW (default: the plain "
+                             "torch.optim.AdamW of their main.py)")
     _common.add_child_arguments(parser, tiny_size="128x128")
     args = parser.parse_args(argv)
     if args.threads:
@@ -191,8 +197,13 @@ def main(argv: list[str] | None = None) -> None:
         steps, counts, first_loss = {}, {}, {}
         for side in sides:
             steps[side], counts[side] = build_side(side, weights, device, args.amp, batch_data,
-                                                   args.authors_repo)
+                                                   args.authors_repo, args.authors_fused_adamw)
         print("# trainable parameters: " + ", ".join(f"{s} {counts[s]:,}" for s in sides))
+        if args.authors_repo is not None:
+            kind = ("fused" if args.authors_fused_adamw
+                    else "torch's default kernel, as their main.py")
+            print(f"# AdamW: authors {kind}; transformers fused (its Trainer's default); "
+                  "ours fused (build_optimizer)")
         for side in sides:  # the first step doubles as a warm-up round
             first_loss[side] = steps[side]().item()
         print("# first-step loss (each library's own weighting): "
@@ -208,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
             extra = ["--batch", str(args.batch), "--size", f"{size[0]}x{size[1]}"]
             if args.authors_repo is not None:
                 extra += ["--authors-repo", str(args.authors_repo)]
+            if args.authors_fused_adamw:
+                extra.append("--authors-fused-adamw")
             print(_common.memory_report(
                 __file__, sides, weights, device, extra + (["--amp"] if args.amp else []),
                 "  peak memory of one step (fresh process per side, after a warm-up step):"))
