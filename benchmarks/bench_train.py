@@ -63,16 +63,16 @@ def make_batch(batch: int, size: tuple[int, int], device: str, seed: int = 0):
     return images, mask, targets
 
 
-def _transformers_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
-    """The recipe's AdamW as transformers' Trainer builds it by default (optim
-    "adamw_torch_fused" for torch >= 2.8): torch's fused kernel."""
-    backbone = [p for n, p in model.named_parameters()
-                if p.requires_grad and n.startswith("model.backbone.")]
-    rest = [p for n, p in model.named_parameters()
-            if p.requires_grad and not n.startswith("model.backbone.")]
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+def _recipe_adamw(model: torch.nn.Module, in_backbone, fused: bool) -> torch.optim.AdamW:
+    """The recipe's AdamW for a peer's model: parameters whose name `in_backbone` accepts get
+    the backbone lr. fused=False leaves the kernel to torch's default (per-parameter loop on
+    the CPU, foreach on CUDA); fused=True asks for the fused kernel where it exists."""
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    backbone = [p for n, p in trained if in_backbone(n)]
+    rest = [p for n, p in trained if not in_backbone(n)]
+    fused = fused and next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": BACKBONE_LR}],
-                             lr=LR, weight_decay=WEIGHT_DECAY, fused=fused)
+                             lr=LR, weight_decay=WEIGHT_DECAY, fused=fused or None)
 
 
 def ours_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -94,14 +94,8 @@ def build_side(side: str, weights: Path, device: str, amp: bool, batch_data,
 
         model, criterion = _authors.build(authors_repo, dabdetr.load_model(weights), device)
         model.train()
-        backbone = [p for n, p in model.named_parameters()
-                    if p.requires_grad and _authors.BACKBONE_KEY in n]
-        rest = [p for n, p in model.named_parameters()
-                if p.requires_grad and _authors.BACKBONE_KEY not in n]
-        fused = authors_fused and device.split(":")[0] in ("cpu", "cuda")
-        optimizer = torch.optim.AdamW(  # their main.py: AdamW(param_dicts, lr, weight_decay)
-            [{"params": rest}, {"params": backbone, "lr": BACKBONE_LR}], lr=LR,
-            weight_decay=WEIGHT_DECAY, fused=fused or None)
+        # their main.py: AdamW(param_dicts, lr, weight_decay), "backbone" in a name -> lr_backbone
+        optimizer = _recipe_adamw(model, lambda n: _authors.BACKBONE_KEY in n, authors_fused)
         samples = _authors.nested(images, mask)
 
         def loss_fn():  # their engine.train_one_epoch: the weighted sum of the loss dict
@@ -114,7 +108,8 @@ def build_side(side: str, weights: Path, device: str, amp: bool, batch_data,
             for name, p in model.model.backbone.named_parameters():
                 if not any(f"layer{i}." in name for i in (2, 3, 4)):
                     p.requires_grad_(False)
-        optimizer = _transformers_optimizer(model)
+        # transformers' Trainer default optim: "adamw_torch_fused" (torch >= 2.8)
+        optimizer = _recipe_adamw(model, lambda n: n.startswith("model.backbone."), fused=True)
         labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
         pixel_mask = (~mask).long()
 
