@@ -61,3 +61,39 @@ def test_authors_repo_that_is_not_a_checkout_is_refused(tmp_path):
         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert result.returncode != 0
     assert "models/DAB_DETR/DABDETR.py" in result.stderr and str(tmp_path) in result.stderr
+
+
+def _benchmark_module(name: str):
+    import importlib
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+def test_authors_args_describe_the_config_or_name_what_they_cannot():
+    """The authors' main.py options for a config (no checkout needed); a config their code
+    has no option for is refused with the field's name."""
+    from dabdetr import DabDetrConfig
+
+    authors = _benchmark_module("_authors")
+    args = authors.authors_args(DabDetrConfig(dilation=True, num_patterns=3), "cpu")
+    assert (args.backbone, args.dilation, args.num_patterns) == ("resnet50", True, 3)
+    assert (args.pe_temperatureH, args.transformer_activation, args.dec_layers) == (20, "prelu", 6)
+    with pytest.raises(SystemExit, match="two_stage"):
+        authors.authors_args(DabDetrConfig(two_stage=True), "cpu")
+
+
+def test_peer_adamw_kernel_and_backbone_lr():
+    """The peers' AdamW: the backbone group gets its lr; fused only when asked (the authors'
+    main.py leaves the kernel to torch, --authors-fused-adamw asks for the fused one)."""
+    import torch
+
+    bench_train = _benchmark_module("bench_train")
+    model = torch.nn.ModuleDict({"backbone": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 1)})
+    for fused, expected in ((True, True), (False, None)):
+        opt = bench_train._recipe_adamw(model, lambda n: n.startswith("backbone."), fused)
+        assert opt.defaults["fused"] is expected
+        lrs = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+        assert lrs[bench_train.BACKBONE_LR] == {id(p) for p in model["backbone"].parameters()}
+        assert lrs[bench_train.LR] == {id(p) for p in model["head"].parameters()}
