@@ -292,9 +292,16 @@ def memory_report(script: str, sides, weights, device: str, args: list[str],
 
 
 def memory_lines(results: dict[str, dict]) -> list[str]:
-    """Format child results {side: {"model_mib", "peak_mib", "exact"}}."""
-    lines = [f"  {'side':<24} {'model MiB':>10} {'peak growth MiB':>16}"]
+    """Format child results {side: {"model_mib", "peak_mib", "exact"}, optionally "kept_mib"
+    (resident growth left by the warm-up round)}."""
+    kept = all("kept_mib" in r for r in results.values())
+    lines = [f"  {'side':<24} {'model MiB':>10}" + (f" {'kept MiB':>9}" if kept else "")
+             + f" {'peak growth MiB':>16}"]
     for side, r in results.items():
         note = "" if r.get("exact", True) else "  (lower bound: peak RSS reset unavailable)"
-        lines.append(f"  {side:<24} {r['model_mib']:10.0f} {r['peak_mib']:16.0f}{note}")
+        lines.append(f"  {side:<24} {r['model_mib']:10.0f}"
+                     + (f" {r['kept_mib']:9.0f}" if kept else "")
+                     + f" {r['peak_mib']:16.0f}{note}")
+    if kept:
+        lines.append("  (kept: resident growth left by the warm-up round)")
     return lines

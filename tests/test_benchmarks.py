@@ -51,6 +51,8 @@ def test_benchmarks_tiny_with_memory():
     _check(results)
     for script, result in results.items():
         assert "peak" in result.stdout, script
+    # what the warm-up forward leaves resident (ours keeps its folded backbone weights)
+    assert "kept MiB" in results["bench_inference.py"].stdout
 
 
 def test_authors_repo_that_is_not_a_checkout_is_refused(tmp_path):
