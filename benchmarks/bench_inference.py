@@ -93,7 +93,7 @@ def child_memory(args: argparse.Namespace) -> None:
     mask = torch.zeros(1, h, w, dtype=torch.bool, device=device)
     with torch.inference_mode():
         run(images, mask)
-        # what stays after a forward: ours keeps the folded backbone weights of the plain model
+        # what stays resident after a forward (caches, pages of a memory-mapped weights file)
         kept_mib = _common.resident_mib(device) - before - model_mib
         with _common.PeakMemory(device) as peak:
             run(images, mask)

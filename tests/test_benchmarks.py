@@ -51,7 +51,7 @@ def test_benchmarks_tiny_with_memory():
     _check(results)
     for script, result in results.items():
         assert "peak" in result.stdout, script
-    # what the warm-up forward leaves resident (ours keeps its folded backbone weights)
+    # what the warm-up forward leaves resident is reported too
     assert "kept MiB" in results["bench_inference.py"].stdout
 
 

@@ -114,6 +114,25 @@ def test_cli_writes_coco_results_and_drawings(tmp_path: Path, weights: Path) -> 
         assert drawn.mode == "RGB" and drawn.size == (50, 70)
 
 
+def test_cli_optimize_fused_gives_the_same_detections(tmp_path: Path, weights: Path) -> None:
+    _noise((64, 48)).save(tmp_path / "a.png")
+    runs = {}
+    for mode in ("none", "fused"):
+        out = tmp_path / mode
+        assert _predict_cli([tmp_path / "a.png"], out, weights, "--threshold", "0", "--no-draw",
+                            "--optimize", mode) == 0
+        runs[mode] = _read_outputs(out)[0]
+    assert len(runs["fused"]) == len(runs["none"]) == NUM_KEPT
+    # the same detections up to float rounding (near-equal scores may swap places)
+    def scores(run):
+        return sorted(r["score"] for r in run)
+
+    assert max(abs(a - b) for a, b in zip(scores(runs["none"]), scores(runs["fused"]),
+                                          strict=True)) < 1e-4
+    assert (sorted(r["category_id"] for r in runs["none"])
+            == sorted(r["category_id"] for r in runs["fused"]))
+
+
 def test_cli_no_draw(tmp_path: Path, weights: Path) -> None:
     _noise((64, 48)).save(tmp_path / "a.png")
     out = tmp_path / "out"

@@ -157,6 +157,16 @@ def test_evaluate_cli_matches_training_evaluation(data_dir, tmp_path, capsys):
     assert abs(metrics["AP"] - summary["last"]["AP"]) < 1e-9
     assert "AP50" in capsys.readouterr().out
     assert isinstance(json.loads((tmp_path / "eval" / "detections.json").read_text()), list)
+    # the optimized model scores the same detections (float rounding apart)
+    code = main(["evaluate", "--weights", str(tmp_path / "run" / "last.pt"), "--data",
+                 str(data_dir), "--eval-size", "64", "--max-size", "1333", "--num-workers", "0",
+                 "--out", str(tmp_path / "eval-fused"), "--optimize", "fused"])
+    assert code == 0
+    fused = json.loads((tmp_path / "eval-fused" / "metrics.json").read_text())
+    assert abs(fused["AP"] - metrics["AP"]) < 1e-3
+    with pytest.raises(SystemExit):  # argparse names the valid choices
+        main(["evaluate", "--weights", str(tmp_path / "run" / "last.pt"), "--data",
+              str(data_dir), "--optimize", "int4"])
 
 
 def test_fine_tune_from_other_class_count(data_dir, tmp_path, caplog):

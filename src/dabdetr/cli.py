@@ -28,6 +28,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-draw", action="store_true", help="do not write images with boxes drawn")
     p.add_argument("--explain", type=int, default=0, metavar="K",
                    help="also draw the decoder cross-attention of the K best detections' queries")
+    from dabdetr.optimize import add_cli_argument
+
+    add_cli_argument(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -46,7 +49,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from dabdetr.distributed import resolve_device
 
     device = str(resolve_device(args.device))
-    model = load_model(args.weights, device=device)
+    from dabdetr.optimize import optimized
+
+    model = optimized(load_model(args.weights, device=device), args.optimize)
     predictor = Predictor(model, size=args.size, max_size=args.max_size,
                           num_select=args.num_select, threshold=args.threshold, device=device)
     out = Path(args.out)

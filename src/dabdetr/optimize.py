@@ -1,8 +1,8 @@
 """Faster inference with the same outputs: a fused, pre-folded ResNet.
 
-The plain model already folds each frozen batch norm into its convolution
-(`Backbone.run_body`: in the graph when training, once and kept for inference).
-`optimize_for_inference(model)` returns an inference-only copy that goes further:
+The plain model already folds each frozen batch norm into its convolution on the fly
+(`Backbone.run_body`). `optimize_for_inference(model)` returns an inference-only copy that
+goes further:
 
 - the folded weights (w' = w * s, b' = beta - mean * s with s = gamma / sqrt(var + eps)) are
   computed once, in float64, and stored channels_last;
@@ -27,6 +27,7 @@ oneDNN weight prepacking gained ~4% but gives wrong results when a caller passes
 
 from __future__ import annotations
 
+import argparse
 import copy
 import warnings
 
@@ -38,7 +39,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from dabdetr.models.dab_detr import DabDetr
 
-__all__ = ["FusedConv2d", "FusedResNet", "fold_batch_norm", "optimize_for_inference"]
+__all__ = ["OPTIMIZE_CHOICES", "FusedConv2d", "FusedResNet", "add_cli_argument",
+           "fold_batch_norm", "optimize_for_inference", "optimized"]
 
 
 def _mkldnn_pointwise_available() -> bool:
@@ -190,6 +192,30 @@ class FusedResNet(nn.Module):
         x = images.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.stem(x))
         return self.blocks(x)
+
+
+#: choices of the `--optimize` option of `dabdetr predict` and `dabdetr evaluate`
+OPTIMIZE_CHOICES = ("none", "fused", "int8")
+
+
+def add_cli_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--optimize` option of the inference commands (applied with `optimized`)."""
+    parser.add_argument(
+        "--optimize", choices=OPTIMIZE_CHOICES, default="none",
+        help="fused: frozen batch norms folded once and fused oneDNN convolutions (outputs "
+             "within float rounding, ~1e-6); int8: fused plus dynamic int8 Linear layers in the "
+             "transformer (CPU only; not exact, see benchmarks/RESULTS.md)")
+
+
+def optimized(model: DabDetr, mode: str) -> DabDetr:
+    """`mode` as the command line names it: "none" (the model itself), "fused"
+    (`optimize_for_inference`, in place) or "int8" (fused plus dynamic int8 Linear layers)."""
+    if mode not in OPTIMIZE_CHOICES:
+        raise ValueError(f"unknown optimization {mode!r}; choose one of {OPTIMIZE_CHOICES}")
+    if mode == "none":
+        return model
+    return optimize_for_inference(model, inplace=True,
+                                  quantize="int8" if mode == "int8" else None)
 
 
 def optimize_for_inference(

@@ -81,12 +81,14 @@ def run_evaluation(model: DabDetr, dataset: CocoDetection, evaluator: CocoEvalua
 def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: int = 1,
                      device: str | None = None, eval_size: int = 800, max_size: int = 1333,
                      num_select: int = 300, num_workers: int = 2, out: str | None = None,
-                     progress: bool = True) -> dict[str, Any]:
-    """Load weights, evaluate on `data`/`split`, optionally write results JSON + metrics."""
+                     progress: bool = True, optimize: str = "none") -> dict[str, Any]:
+    """Load weights, evaluate on `data`/`split`, optionally write results JSON + metrics.
+    optimize: "none", "fused" or "int8" (see `dabdetr.optimize.optimized`)."""
+    from dabdetr.optimize import optimized
     from dabdetr.weights.loading import load_model
 
     dev = dist.init_from_env(device)
-    model = load_model(weights, device=str(dev))
+    model = optimized(load_model(weights, device=str(dev)), optimize)
     images_dir, ann_file = resolve_split(data, split)
     categories = category_map_of(model.config)
     dataset = CocoDetection(images_dir, ann_file, make_eval_transforms(eval_size, max_size),
@@ -118,13 +120,16 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-select", type=int, default=300, help="top-k detections per image")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--out", default=None, help="write detections.json and metrics.json here")
+    from dabdetr.optimize import add_cli_argument
+
+    add_cli_argument(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_weights(args.weights, args.data, args.split, args.batch_size,
                                args.device, args.eval_size, args.max_size, args.num_select,
-                               args.num_workers, args.out)
+                               args.num_workers, args.out, optimize=args.optimize)
     if dist.is_main_process():
         print(" ".join(f"{k}={metrics[k]:.4f}" for k in ("AP", "AP50", "AP75", "APs", "APm",
                                                         "APl")))

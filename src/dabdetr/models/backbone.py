@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -55,48 +54,7 @@ def _foldable(body: nn.Module) -> bool:
 
 def _conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     """norm(conv(x)) as one convolution, the (frozen or eval-mode) batch norm folded into the
-    convolution's weight and bias; differentiable in the convolution and norm parameters.
-
-    Where no gradient can flow into the folded weights (inference, or frozen layers), they are
-    computed once and kept until a parameter or buffer they come from changes."""
-    tensors = _fold_inputs(conv, norm)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        _FOLDED.pop(conv, None)  # trained: a kept copy would only go stale and hold memory
-        weight, bias = _fold(conv, norm)
-    else:
-        weight, bias = _kept_fold(conv, norm, tensors)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-# conv -> (key of the tensors it was folded from, weight, bias); weak, so a deleted or
-# deep-copied model does not keep (or share) folded weights
-_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Tensor, Tensor]] = (
-    weakref.WeakKeyDictionary())
-
-
-def _fold_inputs(conv: nn.Conv2d, norm: nn.Module) -> list[Tensor]:
-    candidates = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
-                  norm.running_var)
-    return [t for t in candidates if t is not None]
-
-
-def _kept_fold(conv: nn.Conv2d, norm: nn.Module, tensors: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """`_fold(conv, norm)`, recomputed only when one of `tensors` was replaced or modified in
-    place (an optimizer step, load_state_dict, .to()) or eps changed."""
-    key = (norm.eps, *((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
-    kept = _FOLDED.get(conv)
-    if kept is not None and kept[0] == key:
-        return kept[1], kept[2]
-    # ordinary tensors even under inference_mode, so that a later forward with autograd on
-    # (frozen layers in training) can save them for backward
-    with torch.inference_mode(False), torch.no_grad():
-        weight, bias = _fold(conv, norm)
-    _FOLDED[conv] = (key, weight, bias)
-    return weight, bias
-
-
-def _fold(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
-    """The folded (weight [channels_last], bias) of norm(conv(.))."""
+    convolution's weight and bias; differentiable in the convolution and norm parameters."""
     scale = (norm.running_var + norm.eps).rsqrt()
     if norm.weight is not None:
         scale = norm.weight * scale
@@ -107,7 +65,7 @@ def _fold(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
         bias = bias + conv.bias * scale
     weight = (conv.weight * scale[:, None, None, None]).contiguous(
         memory_format=torch.channels_last)
-    return weight, bias
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def _block_forward(block: nn.Module, x: Tensor) -> Tensor:
@@ -190,11 +148,9 @@ class Backbone(nn.Module):
         (conv(x, w * s) + (beta - mean * s), s = gamma / sqrt(var + eps): the same function,
         differentiable in w, gamma and beta) and channels_last activations, oneDNN's native
         layout. This saves the two passes over memory each FrozenBatchNorm2d makes forward and
-        its pass backward, about a quarter of the backbone's training step on CPU. Where
-        autograd cannot reach the folded weights (inference, frozen layers) they are folded once
-        and kept (about one more copy of the backbone's weights in memory) until a parameter or
-        norm statistic changes. Bodies this does not know (trainable BatchNorm2d in training
-        mode, replaced modules) run as they are (on channels_last input).
+        its pass backward, about a quarter of the backbone's training step on CPU. Bodies this
+        does not know (trainable BatchNorm2d in training mode, replaced modules) run as they are
+        (on channels_last input).
         """
         body = self.body
         if not _foldable(body):
