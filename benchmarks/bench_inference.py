@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     _authors.add_argument(parser)
     _common.add_child_arguments(parser, tiny_size="128x160")
     args = parser.parse_args(argv)
+    layout_args = _common.apply_ours_layout(args.ours_layout)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.sizes is None:
@@ -141,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = _common.export_for_transformers(_common.random_model(config), Path(tmp) / "hf")
         runs = {side: build_side(side, weights, device, args.authors_repo) for side in sides}
-        child_args = ([] if args.authors_repo is None
-                      else ["--authors-repo", str(args.authors_repo)])
+        child_args = layout_args + ([] if args.authors_repo is None
+                                    else ["--authors-repo", str(args.authors_repo)])
         for h, w in args.sizes:
             bench_size(runs, weights, (h, w), device, warmup, reps, peak, memory, child_args)
 

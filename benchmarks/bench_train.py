@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
                              "torch.optim.AdamW of their main.py)")
     _common.add_child_arguments(parser, tiny_size="128x128")
     args = parser.parse_args(argv)
+    layout_args = _common.apply_ours_layout(args.ours_layout)
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.size or ((128, 128) if args.tiny else (512, 512))
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         for side in sides[:-1]:
             print(_common.ratio_line(f"{side}/ours", times[side], times["ours"]))
         if memory:
-            extra = ["--batch", str(args.batch), "--size", f"{size[0]}x{size[1]}"]
+            extra = ["--batch", str(args.batch), "--size", f"{size[0]}x{size[1]}", *layout_args]
             if args.authors_repo is not None:
                 extra += ["--authors-repo", str(args.authors_repo)]
             if args.authors_fused_adamw:

@@ -55,6 +55,20 @@ def test_benchmarks_tiny_with_memory():
     assert "kept MiB" in results["bench_inference.py"].stdout
 
 
+def test_forced_layouts_of_our_backbone():
+    """--ours-layout: the channels_last path, which the library picks only for large inputs,
+    runs end to end at the smoke-test size (and the default layout in a memory child)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for script, layout in (("bench_train.py", "channels_last"),
+                           ("bench_inference.py", "contiguous")):
+        result = subprocess.run(
+            [sys.executable, str(BENCHMARKS / script), "--tiny", "--threads", "1",
+             "--ours-layout", layout] + (["--memory"] if script == "bench_inference.py" else []),
+            capture_output=True, text=True, env=env, timeout=600, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert RATIO.search(result.stdout), result.stdout
+
+
 def test_authors_repo_that_is_not_a_checkout_is_refused(tmp_path):
     """--authors-repo must point at a DAB-DETR checkout; anything else is named, not imported."""
     result = subprocess.run(

@@ -52,9 +52,56 @@ def _foldable(body: nn.Module) -> bool:
     return all(isinstance(m, FrozenBatchNorm2d) or not m.training for m in norms)
 
 
+# The folded backbone runs in channels_last memory (oneDNN's native layout) only where that
+# pays: its folded weights are rebuilt on every call, and for channels_last their 3x3 kernels
+# are also transposed (in training their gradients are transposed back as well), a cost set by
+# the weights, while what channels_last saves grows with the convolution work, set by the
+# pixels. channels_last is used when (multiply-adds of the call) >= this factor x (elements of
+# the non-1x1 kernels), x3 when autograd reaches the weights. Measured on a 2-core Xeon
+# (benchmarks/RESULTS.md, session 5): inference of R50 at 384x384 and R18 at 384x384 1.15x-1.2x
+# faster in channels_last, R18 at 128x160 1.48x faster without, R50 at 256x256 even; training
+# steps (batch 2) of R50 at 512x512 ~9% faster in channels_last, of R50 at 256x256 and R18 at
+# 128x128 and 256x256 5-9% faster without. This factor puts each on its faster side.
+CHANNELS_LAST_MIN_MACS_PER_WEIGHT = 400
+
+
+def _cost_model(body: nn.Module) -> tuple[float, int]:
+    """(multiply-adds per input pixel, elements of the kernels larger than 1x1) of a foldable
+    ResNet body, from its structure."""
+    macs, kernels = 0.0, 0
+
+    def conv(c: nn.Conv2d, stride_in: int) -> int:
+        nonlocal macs, kernels
+        stride_out = stride_in * c.stride[0]
+        macs += c.weight[0].numel() * c.out_channels / stride_out**2
+        if c.weight.shape[-1] > 1 or c.weight.shape[-2] > 1:
+            kernels += c.weight.numel()
+        return stride_out
+
+    stride = conv(body.conv1, 1) * 2  # the stem's max pool halves again
+    for stage in _STAGES:
+        for block in getattr(body, stage, ()):
+            out = conv(block.conv2, conv(block.conv1, stride))
+            if isinstance(block, Bottleneck):
+                out = conv(block.conv3, out)
+            if block.downsample is not None:
+                conv(block.downsample[0], stride)
+            stride = out
+    return macs, kernels
+
+
+def _channels_last_pays(body: nn.Module, images: Tensor) -> bool:
+    b, _, h, w = images.shape
+    macs_per_pixel, kernels = _cost_model(body)
+    trained = torch.is_grad_enabled() and any(p.requires_grad for p in body.parameters())
+    return b * h * w * macs_per_pixel >= (
+        CHANNELS_LAST_MIN_MACS_PER_WEIGHT * kernels * (3 if trained else 1))
+
+
 def _conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     """norm(conv(x)) as one convolution, the (frozen or eval-mode) batch norm folded into the
-    convolution's weight and bias; differentiable in the convolution and norm parameters."""
+    convolution's weight and bias; differentiable in the convolution and norm parameters.
+    The folded weight takes x's memory format (channels_last or contiguous)."""
     scale = (norm.running_var + norm.eps).rsqrt()
     if norm.weight is not None:
         scale = norm.weight * scale
@@ -63,8 +110,9 @@ def _conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
         bias = bias + norm.bias
     if conv.bias is not None:
         bias = bias + conv.bias * scale
-    weight = (conv.weight * scale[:, None, None, None]).contiguous(
-        memory_format=torch.channels_last)
+    weight = conv.weight * scale[:, None, None, None]
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        weight = weight.contiguous(memory_format=torch.channels_last)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
@@ -142,13 +190,15 @@ class Backbone(nn.Module):
         return features, small_mask.to(torch.bool)[0]
 
     def run_body(self, images: Tensor) -> Tensor:
-        """`self.body(images)`: [B, 3, H, W] -> features [B, C, h, w] (channels_last memory).
+        """`self.body(images)`: [B, 3, H, W] -> features [B, C, h, w].
 
         Computed with every eval-mode batch norm folded into the convolution before it
         (conv(x, w * s) + (beta - mean * s), s = gamma / sqrt(var + eps): the same function,
-        differentiable in w, gamma and beta) and channels_last activations, oneDNN's native
-        layout. This saves the two passes over memory each FrozenBatchNorm2d makes forward and
-        its pass backward, about a quarter of the backbone's training step on CPU. Bodies this
+        differentiable in w, gamma and beta). This saves the two passes over memory each
+        FrozenBatchNorm2d makes forward and its pass backward, about a quarter of the
+        backbone's training step on CPU. Activations are channels_last, oneDNN's native layout,
+        when the input is large enough to pay for transposing the folded weights (see
+        CHANNELS_LAST_MIN_MACS_PER_WEIGHT), else in the default layout. Bodies this
         does not know (trainable BatchNorm2d in training mode, replaced modules) run as they are
         (on channels_last input).
         """
@@ -157,7 +207,8 @@ class Backbone(nn.Module):
             # trainable BatchNorm (or unknown modules): as they are, on channels_last memory,
             # which oneDNN's convolutions (forward and backward) and batch norm run faster
             return body(images.contiguous(memory_format=torch.channels_last))
-        x = images.contiguous(memory_format=torch.channels_last)
+        x = images.contiguous(memory_format=torch.channels_last
+                              if _channels_last_pays(body, images) else torch.contiguous_format)
         x = body.maxpool(_conv_norm(body.conv1, body.bn1, x).relu_())
         for stage in _STAGES:
             for block in getattr(body, stage, ()):
