@@ -253,3 +253,5 @@ def test_layout_choice():
     assert pays(r50.body, torch.empty(2, 3, 512, 512))  # training: its layers 2-4 are trained
     assert not pays(r50.body, torch.empty(2, 3, 256, 256))
     assert not pays(r18.body, torch.empty(2, 3, 256, 256))
+    # measured on CPUs only: other devices keep channels_last
+    assert pays(r18.body, torch.empty(1, 3, 128, 160, device="meta"))

@@ -52,16 +52,17 @@ def _foldable(body: nn.Module) -> bool:
     return all(isinstance(m, FrozenBatchNorm2d) or not m.training for m in norms)
 
 
-# The folded backbone runs in channels_last memory (oneDNN's native layout) only where that
-# pays: its folded weights are rebuilt on every call, and for channels_last their 3x3 kernels
-# are also transposed (in training their gradients are transposed back as well), a cost set by
-# the weights, while what channels_last saves grows with the convolution work, set by the
-# pixels. channels_last is used when (multiply-adds of the call) >= this factor x (elements of
-# the non-1x1 kernels), x3 when autograd reaches the weights. Measured on a 2-core Xeon
-# (benchmarks/RESULTS.md, session 5): inference of R50 at 384x384 and R18 at 384x384 1.15x-1.2x
-# faster in channels_last, R18 at 128x160 1.48x faster without, R50 at 256x256 even; training
-# steps (batch 2) of R50 at 512x512 ~9% faster in channels_last, of R50 at 256x256 and R18 at
-# 128x128 and 256x256 5-9% faster without. This factor puts each on its faster side.
+# On the CPU the folded backbone runs in channels_last memory (oneDNN's native layout) only
+# where that pays: its folded weights are rebuilt on every call, and for channels_last their 3x3
+# kernels are also transposed (in training their gradients are transposed back as well), a cost
+# set by the weights, while what channels_last saves grows with the convolution work, set by
+# the pixels. channels_last is used when (multiply-adds of the call) >= this factor x (elements
+# of the non-1x1 kernels), x3 when autograd reaches the weights. Measured on a 2-core Xeon
+# (benchmarks/RESULTS.md, session 5): inference of R50 at 384x384 and R18 at 384x384
+# 1.15x-1.2x faster in channels_last, R18 at 128x160 1.48x faster without, R50 at 256x256 even;
+# training steps (batch 2) of R50 at 512x512 ~9% faster in channels_last, of R50 at 256x256
+# and R18 at 128x128 and 256x256 5-9% faster without. This factor puts each on its faster
+# side. Other devices always use channels_last (not measured there).
 CHANNELS_LAST_MIN_MACS_PER_WEIGHT = 400
 
 
@@ -73,7 +74,7 @@ def _cost_model(body: nn.Module) -> tuple[float, int]:
     def conv(c: nn.Conv2d, stride_in: int) -> int:
         nonlocal macs, kernels
         stride_out = stride_in * c.stride[0]
-        macs += c.weight[0].numel() * c.out_channels / stride_out**2
+        macs += c.weight.shape[1:].numel() * c.out_channels / stride_out**2
         if c.weight.shape[-1] > 1 or c.weight.shape[-2] > 1:
             kernels += c.weight.numel()
         return stride_out
@@ -91,6 +92,8 @@ def _cost_model(body: nn.Module) -> tuple[float, int]:
 
 
 def _channels_last_pays(body: nn.Module, images: Tensor) -> bool:
+    if images.device.type != "cpu":
+        return True  # measured on CPUs only; GPUs keep the layout their tensor cores prefer
     b, _, h, w = images.shape
     macs_per_pixel, kernels = _cost_model(body)
     trained = torch.is_grad_enabled() and any(p.requires_grad for p in body.parameters())
