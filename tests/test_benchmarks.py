@@ -113,3 +113,10 @@ def test_peer_adamw_kernel_and_backbone_lr():
         lrs = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
         assert lrs[bench_train.BACKBONE_LR] == {id(p) for p in model["backbone"].parameters()}
         assert lrs[bench_train.LR] == {id(p) for p in model["head"].parameters()}
+
+
+def test_unknown_layout_is_refused_before_any_work(capsys):
+    for name in ("bench_train", "bench_inference"):
+        with pytest.raises(SystemExit):
+            _benchmark_module(name).main(["--tiny", "--ours-layout", "diagonal"])
+        assert "invalid choice: 'diagonal'" in capsys.readouterr().err

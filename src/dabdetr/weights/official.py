@@ -146,6 +146,11 @@ def infer_config(state_dict: dict[str, Tensor], args: dict[str, Any] | None = No
     return DabDetrConfig(**values)
 
 
+# The authors' key prefixes and ours: their backbone Joiner holds the ResNet (0) and the
+# position embedding (1).
+_PREFIXES = (("backbone.0.", "backbone."), ("backbone.1.", "position_embedding."))
+
+
 def official_to_ours(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], bool]:
     """Rename the authors' keys to ours. Returns (state dict, iter_update).
 
@@ -160,10 +165,7 @@ def official_to_ours(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], 
         if key.startswith("transformer.decoder.bbox_embed."):
             decoder_copy[key.removeprefix("transformer.decoder.")] = value
             continue
-        if key.startswith("backbone.0."):
-            key = "backbone." + key.removeprefix("backbone.0.")
-        elif key.startswith("backbone.1."):
-            key = "position_embedding." + key.removeprefix("backbone.1.")
+        key = _renamed(key, _PREFIXES)
         if key.endswith("num_batches_tracked"):
             continue
         out[key] = value
@@ -183,16 +185,20 @@ def ours_to_official(state_dict: dict[str, Tensor], iter_update: bool = True
     reference to the box head, so its keys appear twice (sharing the tensors)."""
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        if key.startswith("backbone."):
-            key = "backbone.0." + key.removeprefix("backbone.")
-        elif key.startswith("position_embedding."):
-            key = "backbone.1." + key.removeprefix("position_embedding.")
-        out[key] = value
+        out[_renamed(key, [(ours, theirs) for theirs, ours in _PREFIXES])] = value
     if iter_update:
         for key, value in state_dict.items():
             if key.startswith("bbox_embed."):
                 out["transformer.decoder." + key] = value
     return out
+
+
+def _renamed(key: str, prefixes) -> str:
+    """`key` with the first matching (old, new) prefix replaced."""
+    for old, new in prefixes:
+        if key.startswith(old):
+            return new + key.removeprefix(old)
+    return key
 
 
 def is_official_state_dict(state_dict: dict[str, Any]) -> bool:
