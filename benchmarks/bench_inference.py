@@ -13,6 +13,7 @@ authors' own model runs as a further side ("authors"), with the same weights.
     python benchmarks/bench_inference.py --dc5 --sizes 800x1088
     python benchmarks/bench_inference.py --device cuda
     python benchmarks/bench_inference.py --authors-repo ../DAB-DETR  # + the authors' code
+    python benchmarks/bench_inference.py --int8 --bf16        # + the inexact faster modes
     python benchmarks/bench_inference.py --tiny               # CI smoke test (seconds)
 """
 
@@ -65,7 +66,7 @@ def build_side(side: str, weights: Path, device: str, authors_repo: Path | None 
 
         return run
     import dabdetr
-    from dabdetr.optimize import optimize_for_inference
+    from dabdetr.optimize import optimize_for_inference, optimized
 
     # no parameter needs a gradient here (FlopCounterMode also requires that in no_grad)
     model = dabdetr.load_model(weights, device=device).requires_grad_(False)
@@ -73,6 +74,8 @@ def build_side(side: str, weights: Path, device: str, authors_repo: Path | None 
         model = optimize_for_inference(model, inplace=True)
     elif side == "ours-int8":
         model = optimize_for_inference(model, inplace=True, quantize="int8")
+    elif side == "ours-bf16":
+        model = optimized(model, "bf16")
 
     def run(images, mask):
         out = model(images, mask)
@@ -112,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--int8", action="store_true",
                         help="also time ours with dynamic int8 Linear layers (CPU)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time ours under bfloat16 autocast (`--optimize bf16`; CUDA, "
+                             "or a CPU with AVX512-BF16/AMX)")
     _authors.add_argument(parser)
     _common.add_child_arguments(parser, tiny_size="128x160")
     args = parser.parse_args(argv)
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {_common.machine_info(device)}")
     peak = _common.matmul_peak_gflops(device)
     print(f"# matmul peak (2048^2 fp32): {peak:.0f} GFLOP/s")
-    sides = list(SIDES) + (["ours-int8"] if args.int8 else [])
+    sides = list(SIDES) + ["ours-int8"] * args.int8 + ["ours-bf16"] * args.bf16
     if args.authors_repo is not None:
         sides.insert(1, "authors")
 

@@ -69,6 +69,27 @@ def test_forced_layouts_of_our_backbone():
         assert RATIO.search(result.stdout), result.stdout
 
 
+def test_inexact_modes_tiny():
+    """The optional faster modes: int8 and bf16 inference sides, a bf16-autocast training step."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {"bench_inference.py": ["--int8", "--bf16"], "bench_train.py": ["--amp"]}
+    procs = {script: subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / script), "--tiny", "--threads", "1", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for script, extra in runs.items()}
+    outputs = {}
+    for script, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{script} failed:\n{err[-3000:]}"
+        outputs[script] = out
+    inference = outputs["bench_inference.py"]
+    for side in ("ours-int8", "ours-bf16"):
+        assert re.search(rf"^ratio transformers/{side}: .*x", inference, re.MULTILINE), inference
+        assert f"max abs diff {side} vs transformers" in inference
+    assert "bf16 autocast" in outputs["bench_train.py"]
+    assert RATIO.search(outputs["bench_train.py"]), outputs["bench_train.py"]
+
+
 def test_authors_repo_that_is_not_a_checkout_is_refused(tmp_path):
     """--authors-repo must point at a DAB-DETR checkout; anything else is named, not imported."""
     result = subprocess.run(

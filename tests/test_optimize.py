@@ -222,6 +222,17 @@ def test_optimized_modes_of_the_command_line():
         linears = [m for m in int8.transformer.modules() if "quantized" in type(m).__module__]
         assert linears and not any(type(m) is nn.Linear for m in int8.transformer.modules())
         assert torch.isfinite(int8(images, mask).pred_logits).all()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        bf16 = optimize.optimized(model, "bf16")
+        assert bf16 is model and model.autocast_dtype == torch.bfloat16
+        seen = []
+        model.input_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        low = bf16(images, mask)
+        assert seen == [torch.bfloat16]  # the convolutions did run in bfloat16
+        assert low.pred_logits.dtype == low.pred_boxes.dtype == torch.float32
+        torch.testing.assert_close(low.pred_boxes, expected.pred_boxes, atol=2e-2, rtol=0)
+        torch.testing.assert_close(low.pred_logits, expected.pred_logits, atol=0.1, rtol=0.05)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="unknown optimization 'int4'"):
         optimize.optimized(model, "int4")
 

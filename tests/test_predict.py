@@ -133,6 +133,19 @@ def test_cli_optimize_fused_gives_the_same_detections(tmp_path: Path, weights: P
             == sorted(r["category_id"] for r in runs["fused"]))
 
 
+def test_cli_optimize_bf16_scores_close_to_float32(tmp_path: Path, weights: Path) -> None:
+    _noise((64, 48)).save(tmp_path / "a.png")
+    runs = {}
+    for mode in ("none", "bf16"):
+        out = tmp_path / mode
+        assert _predict_cli([tmp_path / "a.png"], out, weights, "--threshold", "0", "--no-draw",
+                            "--optimize", mode) == 0
+        runs[mode] = sorted(r["score"] for r in _read_outputs(out)[0])
+    assert len(runs["bf16"]) == len(runs["none"]) == NUM_KEPT
+    assert runs["bf16"] != runs["none"]  # bfloat16 arithmetic did happen
+    assert max(abs(a - b) for a, b in zip(runs["none"], runs["bf16"], strict=True)) < 2e-2
+
+
 def test_cli_no_draw(tmp_path: Path, weights: Path) -> None:
     _noise((64, 48)).save(tmp_path / "a.png")
     out = tmp_path / "out"

@@ -38,6 +38,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 from dabdetr.models.dab_detr import DabDetr
+from dabdetr.precision import check_amp
 
 __all__ = ["OPTIMIZE_CHOICES", "FusedConv2d", "FusedResNet", "add_cli_argument",
            "fold_batch_norm", "optimize_for_inference", "optimized"]
@@ -195,7 +196,7 @@ class FusedResNet(nn.Module):
 
 
 #: choices of the `--optimize` option of `dabdetr predict` and `dabdetr evaluate`
-OPTIMIZE_CHOICES = ("none", "fused", "int8")
+OPTIMIZE_CHOICES = ("none", "fused", "int8", "bf16")
 
 
 def add_cli_argument(parser: argparse.ArgumentParser) -> None:
@@ -204,16 +205,23 @@ def add_cli_argument(parser: argparse.ArgumentParser) -> None:
         "--optimize", choices=OPTIMIZE_CHOICES, default="none",
         help="fused: frozen batch norms folded once and fused oneDNN convolutions (outputs "
              "within float rounding, ~1e-6); int8: fused plus dynamic int8 Linear layers in the "
-             "transformer (CPU only; not exact, see benchmarks/RESULTS.md)")
+             "transformer (CPU only; not exact); bf16: bfloat16 autocast (CUDA, or a CPU with "
+             "AVX512-BF16/AMX; not exact). Deviations and AP effects: benchmarks/RESULTS.md")
 
 
 def optimized(model: DabDetr, mode: str) -> DabDetr:
     """`mode` as the command line names it: "none" (the model itself), "fused"
-    (`optimize_for_inference`, in place) or "int8" (fused plus dynamic int8 Linear layers)."""
+    (`optimize_for_inference`, in place), "int8" (fused plus dynamic int8 Linear layers) or
+    "bf16" (the model itself, its forward under bfloat16 autocast: `model.autocast_dtype`)."""
     if mode not in OPTIMIZE_CHOICES:
         raise ValueError(f"unknown optimization {mode!r}; choose one of {OPTIMIZE_CHOICES}")
     if mode == "none":
         return model
+    if mode == "bf16":
+        # the fused oneDNN convolutions are float32 kernels that autocast does not reach, so
+        # bf16 runs the plain model, whose convolutions autocast does convert
+        model.autocast_dtype = check_amp("bf16", next(model.parameters()).device)
+        return model.eval()
     return optimize_for_inference(model, inplace=True,
                                   quantize="int8" if mode == "int8" else None)
 

@@ -35,6 +35,7 @@ from dabdetr.engine.sampling import EpochSampler
 from dabdetr.models.criterion import SetCriterion
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.models.matcher import HungarianMatcher
+from dabdetr.precision import AMP_DTYPES, check_amp
 from dabdetr.presets import preset_config
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class TrainConfig:
     lr_drop_time: float | None = None
     warmup_steps: int = 0  # linear warm-up of every lr from 0.1% over this many steps
     clip_max_norm: float = 0.1
-    amp: str = "none"  # "bf16" or "fp16" (CUDA only)
+    amp: str = "none"  # "bf16" (CUDA, or a CPU with bf16 support) or "fp16" (CUDA only)
     ema_decay: float = 0.0  # >0: keep an EMA of the weights and evaluate/save it
     seed: int = 42
     deterministic: bool = False
@@ -249,8 +250,7 @@ class Trainer:
                                                  and cfg.time_limit is not None):
             raise ValueError(f"lr_drop_time={cfg.lr_drop_time} needs a time limit and a value in "
                              "(0, 1]: the fraction of --time-limit after which the lr drops")
-        if cfg.amp != "none" and self.device.type != "cuda":
-            raise ValueError(f"amp={cfg.amp!r} needs a CUDA device; this run is on {self.device}")
+        check_amp(cfg.amp, self.device)
 
         recipe = cfg.recipe()
         train_images, train_ann = resolve_split(cfg.data, cfg.train_split)
@@ -411,7 +411,7 @@ class Trainer:
     def train_step(self, batches: list) -> dict[str, float]:
         """One optimizer step over `accumulate` micro-batches."""
         cfg = self.cfg
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        amp_dtype = AMP_DTYPES.get(cfg.amp)
         totals: dict[str, float] = {}
         n_images = sum(len(b) for b in batches)
         for i, batch in enumerate(batches):
@@ -622,7 +622,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "of the time has passed")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--clip-max-norm", type=float, default=d.clip_max_norm, help="0 disables")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default=d.amp, help="CUDA only")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default=d.amp,
+                   help="mixed precision: bf16 on CUDA or on a CPU with native bf16 (AVX512-BF16 "
+                        "or AMX), fp16 on CUDA only")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 disables the EMA")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--deterministic", action="store_true")

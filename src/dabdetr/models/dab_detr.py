@@ -12,7 +12,7 @@ from dabdetr.models.backbone import Backbone
 from dabdetr.models.denoising import build_denoising_queries
 from dabdetr.models.outputs import DetectionOutput
 from dabdetr.models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSineHW
-from dabdetr.models.transformer import MLP, Transformer, inverse_sigmoid
+from dabdetr.models.transformer import MLP, Transformer, box_precision, inverse_sigmoid
 
 
 class AnchorQueries(nn.Module):
@@ -113,11 +113,12 @@ class QuerySelection(nn.Module):
         """Returns the per-cell predictions ([B, S, C] logits, [B, S, 4] boxes; trained by the
         criterion as `enc_outputs`) and the selected anchors [B, num_queries, 4] in logit
         space (detached)."""
-        proposals = self.proposals(mask, height, width).to(memory.dtype)
+        box_dtype = box_precision(memory).dtype  # float32 under autocast
+        proposals = self.proposals(mask, height, width).to(box_dtype)
         # padded cells, and cells whose centre falls outside the image, never propose
         invalid = mask | (proposals[..., :2] >= 1.0).any(-1)
         features = self.output_norm(self.output(memory.masked_fill(invalid[..., None], 0.0)))
-        logits = self.class_embed(features).masked_fill(invalid[..., None], -1e4)
+        logits = box_precision(self.class_embed(features)).masked_fill(invalid[..., None], -1e4)
         inv_proposals = inverse_sigmoid(proposals.clamp(max=1.0), self.eps)
         boxes_unsig = self.bbox_embed(features) + inv_proposals
         enc_outputs = DetectionOutput(logits, boxes_unsig.sigmoid())
@@ -129,7 +130,7 @@ class QuerySelection(nn.Module):
         anchors = boxes_unsig.detach().gather(1, top[..., None].expand(-1, -1, 4))
         default = inverse_sigmoid(
             torch.tensor([0.5, 0.5, self.proposal_size, self.proposal_size],
-                         device=memory.device, dtype=memory.dtype), self.eps)
+                         device=memory.device, dtype=box_dtype), self.eps)
         chosen_invalid = invalid.gather(1, top)[..., None]
         anchors = torch.where(chosen_invalid, default, anchors)
         if k < self.num_queries:
@@ -152,7 +153,13 @@ class DabDetr(nn.Module):
     By default a padded batch is computed exactly as upstream (the backbone sees the padding,
     so an image's result depends slightly on its batch mates); config.pad_invariant=True gives
     every image exactly its single-image result.
+
+    `autocast_dtype` (None by default; not saved) makes forward run under torch.autocast in that
+    dtype, as `dabdetr.optimize.optimized(model, "bf16")` sets it. Under autocast, from here or
+    from the caller, outputs, anchors and boxes stay float32.
     """
+
+    autocast_dtype: torch.dtype | None = None
 
     def __init__(self, config: DabDetrConfig | None = None):
         super().__init__()
@@ -231,6 +238,13 @@ class DabDetr(nn.Module):
                 targets: list[dict[str, Tensor]] | None = None) -> DetectionOutput:
         """`targets` (normalized cxcywh `boxes`, `labels`) are only read in training with
         denoising on (config.dn_groups > 0); they never change the matching queries' output."""
+        if self.autocast_dtype is not None:
+            with torch.autocast(images.device.type, dtype=self.autocast_dtype):
+                return self._forward(images, mask, targets)
+        return self._forward(images, mask, targets)
+
+    def _forward(self, images: Tensor, mask: Tensor | None,
+                 targets: list[dict[str, Tensor]] | None) -> DetectionOutput:
         src, pos, feat_mask = self.feature_maps(images, mask)
         height, width = feat_mask.shape[-2:]
         src, pos, feat_mask = _flatten_maps(src, pos, feat_mask)
@@ -269,7 +283,7 @@ class DabDetr(nn.Module):
         without iterative refinement) normalized cxcywh anchors. Boxes are
         sigmoid(bbox_embed(hs_l) + inverse_sigmoid(ref_l)).
         """
-        logits = self.class_embed(hs)  # (L, B, N, C)
+        logits = box_precision(self.class_embed(hs))  # (L, B, N, C); float32 under autocast
         inv_ref = inverse_sigmoid(references, self.config.inverse_sigmoid_eps)
         if isinstance(self.bbox_embed, nn.ModuleList):
             deltas = torch.stack([head(h) for head, h in zip(self.bbox_embed, hs, strict=True)])
