@@ -84,11 +84,6 @@ class AttentionOutput(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         p = self.dropout if self.training else 0.0
-        if q.device.type == "cpu" and q.dtype != torch.float32 and q.requires_grad:
-            # under CPU autocast: torch's flash-attention backward is slower in bfloat16 than in
-            # float32 (2x for the decoder's self-attention, measured on an AVX-512 Xeon), so
-            # training attends in float32; inference keeps the faster bfloat16 forward
-            q, k, v = q.float(), k.float(), v.float()
         value_dim = v.shape[-1]
         if value_dim < q.shape[-1]:
             # The fused (flash) SDPA kernels need value heads as wide as the query heads; with
