@@ -137,10 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     config = (_common.tiny_config(dilation=args.dc5) if args.tiny
               else DabDetrConfig(dilation=args.dc5, inverse_sigmoid_eps=1e-5))
     name = ("tiny R18" if args.tiny else "DAB-DETR-R50") + ("-DC5" if args.dc5 else "")
-    print(f"# {name} inference, batch 1, fp32, {device}")
+    modes = ", ours-int8 dynamic int8 Linear" * args.int8 + ", ours-bf16 bf16 autocast" * args.bf16
+    print(f"# {name} inference, batch 1, fp32{modes}, {device}")
     print(f"# {_common.machine_info(device)}")
     peak = _common.matmul_peak_gflops(device)
-    print(f"# matmul peak (2048^2 fp32): {peak:.0f} GFLOP/s")
+    print(f"# matmul peak (2048^2 fp32): {peak:.0f} GFLOP/s"
+          + (" (bf16 can exceed it)" if args.bf16 else ""))
     sides = list(SIDES) + ["ours-int8"] * args.int8 + ["ours-bf16"] * args.bf16
     if args.authors_repo is not None:
         sides.insert(1, "authors")

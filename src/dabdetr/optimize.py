@@ -20,6 +20,10 @@ original model instead.
 nn.Linear layers (CPU only). That is not exact: on DAB-DETR-R50 logits move by ~7e-2 and boxes
 by ~4e-3, for ~7% less time.
 
+`optimized(model, "bf16")` (`--optimize bf16`) is another inexact mode: the plain model under
+bfloat16 autocast (`dabdetr.precision`). On a 2-core Xeon with AMX, DAB-DETR-R50 at 800x1088
+takes ~0.5 s instead of ~1.0 s; logits move by ~4e-2, boxes by ~1e-3.
+
 Not used, measured on a 2-core Xeon: torch.compile (inductor with freezing) made the backbone
 slower than these kernels (1.45 s vs ~1.1 s at 800x1088, 1 thread) and took ~40 s to compile;
 oneDNN weight prepacking gained ~4% but gives wrong results when a caller passes NCHW input.
