@@ -151,13 +151,15 @@ def ratio_line(label: str, slow: list[float], fast: list[float]) -> str:
     """'ratio A/B: x (best), y (median), z (paired)': how many times faster `fast` is than
     `slow`. `paired` is the median over rounds of the ratio within each round (from
     `interleaved`, where both ran back to back), which cancels slow drifts of the host's speed
-    that shift the two medians differently."""
+    that shift the two medians differently. The lowest and highest per-round ratios follow, a
+    measure of how much the host's noise moves a single round."""
     best = min(slow) / min(fast)
     median = statistics.median(slow) / statistics.median(fast)
     line = f"ratio {label}: {best:.2f}x (best), {median:.2f}x (median)"
     if len(slow) == len(fast) > 1:
-        paired = statistics.median(s / f for s, f in zip(slow, fast, strict=True))
-        line += f", {paired:.2f}x (paired)"
+        rounds = [s / f for s, f in zip(slow, fast, strict=True)]
+        line += (f", {statistics.median(rounds):.2f}x (paired; rounds "
+                 f"{min(rounds):.2f}x-{max(rounds):.2f}x)")
     return line
 
 

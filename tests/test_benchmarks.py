@@ -141,3 +141,11 @@ def test_unknown_layout_is_refused_before_any_work(capsys):
         with pytest.raises(SystemExit):
             _benchmark_module(name).main(["--tiny", "--ours-layout", "diagonal"])
         assert "invalid choice: 'diagonal'" in capsys.readouterr().err
+
+
+def test_ratio_line_reports_best_median_paired_and_the_spread_of_rounds():
+    common = _benchmark_module("_common")
+    line = common.ratio_line("a/b", [2.0, 4.0, 9.0], [1.0, 2.0, 3.0])  # rounds: 2x, 2x, 3x
+    assert line == ("ratio a/b: 2.00x (best), 2.00x (median), "
+                    "2.00x (paired; rounds 2.00x-3.00x)")
+    assert common.ratio_line("a/b", [2.0], [1.0]) == "ratio a/b: 2.00x (best), 2.00x (median)"
