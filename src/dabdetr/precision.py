@@ -1,12 +1,13 @@
 """Mixed precision: which autocast modes a device can run, and how fast.
 
 `dabdetr train --amp` and `dabdetr predict/evaluate --optimize bf16` use torch.autocast: the
-convolutions and matrix products run in the reduced precision, everything else (norms, the loss,
-anchors and boxes) in float32. bfloat16 runs on CUDA and on CPUs; it is fast on a CPU only with
-native bfloat16 instructions (AVX512-BF16, or AMX tiles on Intel Xeon 4th generation and later):
-on a 2-core Xeon with AMX, DAB-DETR-R50 inference ran 2x and a training step ~1.6x faster than in
-float32 (benchmarks/RESULTS.md).
-Elsewhere the CPU emulates it, slower than float32, and a warning says so. float16 is CUDA only.
+convolutions and matrix products run in the reduced precision (their outputs stay in it until an
+operation with a float32 operand promotes them), while the model keeps its anchors, boxes and
+outputs in float32, so the matcher and the loss work in float32. bfloat16 runs on CUDA and on
+CPUs. On a CPU it is fast only with native bfloat16 instructions (AVX512-BF16, or AMX tiles on
+Intel Xeon 4th generation and later): on a 2-core Xeon with AMX, DAB-DETR-R50 inference ran 2x
+and a training step ~1.6x faster than in float32 (benchmarks/RESULTS.md). Elsewhere the CPU
+emulates it, slower than float32, and a warning says so. float16 is CUDA only.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.floa
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX-BF16)."""
     get = getattr(torch.cpu, "get_capabilities", None)
-    if get is None:  # torch < 2.5 has no capability report; assume not
+    if get is None:  # a torch without the capability report: assume not
         return False
     caps = get()
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
