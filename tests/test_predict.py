@@ -114,36 +114,37 @@ def test_cli_writes_coco_results_and_drawings(tmp_path: Path, weights: Path) -> 
         assert drawn.mode == "RGB" and drawn.size == (50, 70)
 
 
-def test_cli_optimize_fused_gives_the_same_detections(tmp_path: Path, weights: Path) -> None:
+def _detections_per_mode(tmp_path: Path, weights: Path, *modes: str) -> dict[str, list[dict]]:
+    """`dabdetr predict --optimize MODE` on one noise image, all detections kept, per mode."""
     _noise((64, 48)).save(tmp_path / "a.png")
     runs = {}
-    for mode in ("none", "fused"):
+    for mode in modes:
         out = tmp_path / mode
         assert _predict_cli([tmp_path / "a.png"], out, weights, "--threshold", "0", "--no-draw",
                             "--optimize", mode) == 0
         runs[mode] = _read_outputs(out)[0]
-    assert len(runs["fused"]) == len(runs["none"]) == NUM_KEPT
-    # the same detections up to float rounding (near-equal scores may swap places)
-    def scores(run):
-        return sorted(r["score"] for r in run)
+        assert len(runs[mode]) == NUM_KEPT
+    return runs
 
-    assert max(abs(a - b) for a, b in zip(scores(runs["none"]), scores(runs["fused"]),
-                                          strict=True)) < 1e-4
+
+def _sorted_scores(run: list[dict]) -> list[float]:
+    return sorted(r["score"] for r in run)
+
+
+def test_cli_optimize_fused_gives_the_same_detections(tmp_path: Path, weights: Path) -> None:
+    runs = _detections_per_mode(tmp_path, weights, "none", "fused")
+    # the same detections up to float rounding (near-equal scores may swap places)
+    plain, fused = _sorted_scores(runs["none"]), _sorted_scores(runs["fused"])
+    assert max(abs(a - b) for a, b in zip(plain, fused, strict=True)) < 1e-4
     assert (sorted(r["category_id"] for r in runs["none"])
             == sorted(r["category_id"] for r in runs["fused"]))
 
 
 def test_cli_optimize_bf16_scores_close_to_float32(tmp_path: Path, weights: Path) -> None:
-    _noise((64, 48)).save(tmp_path / "a.png")
-    runs = {}
-    for mode in ("none", "bf16"):
-        out = tmp_path / mode
-        assert _predict_cli([tmp_path / "a.png"], out, weights, "--threshold", "0", "--no-draw",
-                            "--optimize", mode) == 0
-        runs[mode] = sorted(r["score"] for r in _read_outputs(out)[0])
-    assert len(runs["bf16"]) == len(runs["none"]) == NUM_KEPT
-    assert runs["bf16"] != runs["none"]  # bfloat16 arithmetic did happen
-    assert max(abs(a - b) for a, b in zip(runs["none"], runs["bf16"], strict=True)) < 2e-2
+    runs = _detections_per_mode(tmp_path, weights, "none", "bf16")
+    plain, low = _sorted_scores(runs["none"]), _sorted_scores(runs["bf16"])
+    assert low != plain  # bfloat16 arithmetic did happen
+    assert max(abs(a - b) for a, b in zip(plain, low, strict=True)) < 2e-2
 
 
 def test_cli_no_draw(tmp_path: Path, weights: Path) -> None:
