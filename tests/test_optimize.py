@@ -91,6 +91,19 @@ def test_fallback_convolutions_match(monkeypatch):
         _assert_same(fast(images, mask), expected)
 
 
+def test_bf16_off_onednn_is_close_to_the_onednn_kernels(monkeypatch):
+    """bf16=True on the F.conv2d path (CUDA, CPU builds without oneDNN) as on oneDNN's."""
+    fast = optimize_for_inference(_perturbed(tiny_config()), bf16=True)
+    images, mask = _padded_batch()
+    with torch.inference_mode():
+        onednn = fast(images, mask)
+        monkeypatch.setattr(optimize, "_MKLDNN", False)
+        plain = fast(images, mask)
+    assert plain.pred_boxes.dtype == torch.float32
+    torch.testing.assert_close(plain.pred_boxes, onednn.pred_boxes, atol=1e-2, rtol=0)
+    torch.testing.assert_close(plain.pred_logits, onednn.pred_logits, atol=0.05, rtol=0.05)
+
+
 def test_tiny_feature_map():
     """A 32x32 image gives a 1x1 feature map, where NCHW and NHWC strides coincide."""
     model = _perturbed(tiny_config())
@@ -222,17 +235,18 @@ def test_optimized_modes_of_the_command_line():
         linears = [m for m in int8.transformer.modules() if "quantized" in type(m).__module__]
         assert linears and not any(type(m) is nn.Linear for m in int8.transformer.modules())
         assert torch.isfinite(int8(images, mask).pred_logits).all()
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        bf16 = optimize.optimized(model, "bf16")
-        assert bf16 is model and model.autocast_dtype == torch.bfloat16
+        bf16 = optimize.optimized(copy.deepcopy(model), "bf16")
+        assert isinstance(bf16.backbone.body, FusedResNet) and bf16.autocast_dtype == torch.bfloat16
         seen = []
-        model.input_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        for module in (bf16.backbone.body.stem, bf16.input_proj, bf16.class_embed):
+            module.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
         low = bf16(images, mask)
-        assert seen == [torch.bfloat16]  # the convolutions did run in bfloat16
+        assert seen == [torch.bfloat16] * 3  # backbone, projection and transformer in bfloat16
         assert low.pred_logits.dtype == low.pred_boxes.dtype == torch.float32
         torch.testing.assert_close(low.pred_boxes, expected.pred_boxes, atol=2e-2, rtol=0)
         torch.testing.assert_close(low.pred_logits, expected.pred_logits, atol=0.1, rtol=0.05)
-        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="cannot be combined"):
+        optimize_for_inference(model, quantize="int8", bf16=True)
     with pytest.raises(ValueError, match="unknown optimization 'int4'"):
         optimize.optimized(model, "int4")
 

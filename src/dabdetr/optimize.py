@@ -20,9 +20,10 @@ original model instead.
 nn.Linear layers (CPU only). That is not exact: on DAB-DETR-R50 logits move by ~7e-2 and boxes
 by ~4e-3, for ~7% less time.
 
-`optimized(model, "bf16")` (`--optimize bf16`) is another inexact mode: the plain model under
-bfloat16 autocast (`dabdetr.precision`). On a 2-core Xeon with AMX, DAB-DETR-R50 at 800x1088
-takes ~0.5 s instead of ~1.0 s; logits move by ~4e-2, boxes by ~1e-3.
+`bf16=True` (`--optimize bf16`) is another inexact mode: the fused convolutions with bfloat16
+weights, the transformer under bfloat16 autocast (`dabdetr.precision`). On a 2-core Xeon with
+AMX, DAB-DETR-R50 at 800x1088 took 0.33-0.48 s instead of 1.0-1.1 s; logits move by ~4e-2,
+boxes by ~1e-3.
 
 Not used, measured on a 2-core Xeon: torch.compile (inductor with freezing) made the backbone
 slower than these kernels (1.45 s vs ~1.1 s at 800x1088, 1 thread) and took ~40 s to compile;
@@ -194,7 +195,8 @@ class FusedResNet(nn.Module):
         self.blocks = nn.Sequential(*(_FusedBlock(b) for name in names[4:] for b in getattr(body, name)))
 
     def forward(self, images: Tensor) -> Tensor:
-        x = images.contiguous(memory_format=torch.channels_last)
+        # in the weights' dtype: bfloat16 after optimize_for_inference(..., bf16=True)
+        x = images.to(self.stem.weight.dtype).contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.stem(x))
         return self.blocks(x)
 
@@ -216,22 +218,17 @@ def add_cli_argument(parser: argparse.ArgumentParser) -> None:
 def optimized(model: DabDetr, mode: str) -> DabDetr:
     """`mode` as the command line names it: "none" (the model itself), "fused"
     (`optimize_for_inference`, in place), "int8" (fused plus dynamic int8 Linear layers) or
-    "bf16" (the model itself, its forward under bfloat16 autocast: `model.autocast_dtype`)."""
+    "bf16" (fused with bfloat16 convolution weights, the rest under bfloat16 autocast)."""
     if mode not in OPTIMIZE_CHOICES:
         raise ValueError(f"unknown optimization {mode!r}; choose one of {OPTIMIZE_CHOICES}")
     if mode == "none":
         return model
-    if mode == "bf16":
-        # the fused oneDNN convolutions are float32 kernels that autocast does not reach, so
-        # bf16 runs the plain model, whose convolutions autocast does convert
-        model.autocast_dtype = check_amp("bf16", next(model.parameters()).device)
-        return model.eval()
-    return optimize_for_inference(model, inplace=True,
-                                  quantize="int8" if mode == "int8" else None)
+    return optimize_for_inference(model, inplace=True, quantize="int8" if mode == "int8" else None,
+                                  bf16=mode == "bf16")
 
 
 def optimize_for_inference(
-    model: DabDetr, *, inplace: bool = False, quantize: str | None = None
+    model: DabDetr, *, inplace: bool = False, quantize: str | None = None, bf16: bool = False
 ) -> DabDetr:
     """An inference-only DabDetr that computes the same outputs faster.
 
@@ -242,6 +239,10 @@ def optimize_for_inference(
             True converts `model` itself and returns it.
         quantize: None, or "int8" for dynamic int8 quantization of the transformer's nn.Linear
             layers (CPU; outputs then differ by ~1e-2, no longer by float rounding only).
+        bf16: folded convolution weights in bfloat16 (the fused oneDNN kernels then run in
+            bfloat16) and the rest of the forward under bfloat16 autocast
+            (`model.autocast_dtype`); CUDA, or a CPU with native bfloat16 (see
+            `dabdetr.precision`). Not exact: logits move by ~4e-2, boxes by ~1e-3.
 
     Returns the model in eval mode with gradients disabled. Run it under torch.inference_mode()
     (or no_grad). Its outputs equal the original's up to float32 rounding (~1e-6); its
@@ -251,17 +252,28 @@ def optimize_for_inference(
         raise TypeError(f"optimize_for_inference expects a DabDetr, got {type(model).__name__}")
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize={quantize!r} is not supported; use None or 'int8'")
+    if bf16 and quantize is not None:
+        raise ValueError("bf16 and quantize='int8' cannot be combined: the dynamic int8 "
+                         "layers take float32 input")
+    device = next(model.parameters()).device
+    if quantize == "int8" and device.type != "cpu":
+        raise ValueError("quantize='int8' (dynamic quantization) runs on CPU only")
+    autocast = check_amp("bf16", device) if bf16 else None  # refuses before any change
     if not inplace:
         model = copy.deepcopy(model)
     model.eval().requires_grad_(False)
-    device = next(model.parameters()).device
     model.backbone.body = FusedResNet(model.backbone.body).to(device)
     # the 1x1 projection reads the channels_last features; torch's own dispatch picks a slow
     # non-oneDNN kernel for it
     model.input_proj = FusedConv2d(model.input_proj, None, relu=False).to(device)
+    if autocast is not None:
+        model.autocast_dtype = autocast
+        # autocast does not reach the fused oneDNN kernels; bfloat16 weights (and the body's
+        # input cast to them) make them run in bfloat16: 1.17x faster than autocast over the
+        # plain model for R50 at 800x1088 (benchmarks/RESULTS.md)
+        model.backbone.body.to(torch.bfloat16)
+        model.input_proj.to(torch.bfloat16)
     if quantize == "int8":
-        if device.type != "cpu":
-            raise ValueError("quantize='int8' (dynamic quantization) runs on CPU only")
         with warnings.catch_warnings():
             # torch.ao.quantization announces its move to torchao; it still ships with torch
             warnings.simplefilter("ignore", DeprecationWarning)
