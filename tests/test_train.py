@@ -197,6 +197,21 @@ def test_fp16_amp_needs_cuda(data_dir, tmp_path):
         Trainer(tiny_cfg(data_dir, tmp_path / "amp", amp="fp16"), device="cpu")
 
 
+def test_check_amp_names_what_a_device_cannot_run():
+    from dabdetr.precision import check_amp
+
+    assert check_amp("none", "cpu") is None
+    assert check_amp("fp16", "cuda") == torch.float16  # decided from the device type alone
+    assert check_amp("bf16", "cuda") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown amp mode 'fp8'; choose none, bf16 or fp16"):
+        check_amp("fp8", "cpu")
+    with pytest.raises(ValueError, match="amp='bf16' runs on CUDA or the CPU only; this run is "
+                                         "on meta"):
+        check_amp("bf16", "meta")
+    with pytest.raises(ValueError, match="unknown amp mode"):
+        Trainer(TrainConfig(data="unused", amp="fp8"), device="cpu")
+
+
 def test_bf16_amp_trains_on_cpu(data_dir, tmp_path, monkeypatch, caplog):
     """bf16 autocast on the CPU: the same first loss as float32 up to bfloat16 rounding, float32
     outputs and weights, and a warning where the CPU would emulate bfloat16."""

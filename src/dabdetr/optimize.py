@@ -211,8 +211,9 @@ def add_cli_argument(parser: argparse.ArgumentParser) -> None:
         "--optimize", choices=OPTIMIZE_CHOICES, default="none",
         help="fused: frozen batch norms folded once and fused oneDNN convolutions (outputs "
              "within float rounding, ~1e-6); int8: fused plus dynamic int8 Linear layers in the "
-             "transformer (CPU only; not exact); bf16: bfloat16 autocast (CUDA, or a CPU with "
-             "AVX512-BF16/AMX; not exact). Deviations and AP effects: benchmarks/RESULTS.md")
+             "transformer (CPU only; not exact); bf16: fused with bfloat16 convolutions and the "
+             "transformer under bfloat16 autocast (CUDA, or a CPU with AVX512-BF16/AMX; not "
+             "exact). Deviations and AP effects: benchmarks/RESULTS.md")
 
 
 def optimized(model: DabDetr, mode: str) -> DabDetr:

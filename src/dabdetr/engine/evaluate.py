@@ -83,7 +83,7 @@ def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: in
                      num_select: int = 300, num_workers: int = 2, out: str | None = None,
                      progress: bool = True, optimize: str = "none") -> dict[str, Any]:
     """Load weights, evaluate on `data`/`split`, optionally write results JSON + metrics.
-    optimize: "none", "fused" or "int8" (see `dabdetr.optimize.optimized`)."""
+    optimize: one of `dabdetr.optimize.OPTIMIZE_CHOICES` (see `dabdetr.optimize.optimized`)."""
     from dabdetr.optimize import optimized
     from dabdetr.weights.loading import load_model
 

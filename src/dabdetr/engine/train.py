@@ -35,7 +35,7 @@ from dabdetr.engine.sampling import EpochSampler
 from dabdetr.models.criterion import SetCriterion
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.models.matcher import HungarianMatcher
-from dabdetr.precision import AMP_DTYPES, check_amp
+from dabdetr.precision import check_amp
 from dabdetr.presets import preset_config
 
 logger = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ class Trainer:
                                                  and cfg.time_limit is not None):
             raise ValueError(f"lr_drop_time={cfg.lr_drop_time} needs a time limit and a value in "
                              "(0, 1]: the fraction of --time-limit after which the lr drops")
-        check_amp(cfg.amp, self.device)
+        self.amp_dtype = check_amp(cfg.amp, self.device)  # None: float32
 
         recipe = cfg.recipe()
         train_images, train_ann = resolve_split(cfg.data, cfg.train_split)
@@ -411,7 +411,7 @@ class Trainer:
     def train_step(self, batches: list) -> dict[str, float]:
         """One optimizer step over `accumulate` micro-batches."""
         cfg = self.cfg
-        amp_dtype = AMP_DTYPES.get(cfg.amp)
+        amp_dtype = self.amp_dtype
         totals: dict[str, float] = {}
         n_images = sum(len(b) for b in batches)
         for i, batch in enumerate(batches):
