@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {name} training step, batch {args.batch} at {size[0]}x{size[1]}, {precision}, "
           f"{device}")
     print(f"# {_common.machine_info(device)}")
+    # the host's state before and after the timed steps: on a shared machine the same code's
+    # times move with its neighbours' load, and this says how fast the machine was meanwhile
+    peak_before = _common.matmul_peak_gflops(device)
     with tempfile.TemporaryDirectory() as tmp:
         weights = _common.export_for_transformers(_common.random_model(config), Path(tmp) / "hf")
         sides = SIDES if args.authors_repo is None else ("authors", *SIDES)
@@ -211,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
             print(_common.time_row(side, times[side]))
         for side in sides[:-1]:
             print(_common.ratio_line(f"{side}/ours", times[side], times["ours"]))
+        print(f"# matmul peak (2048^2 fp32): {peak_before:.0f} GFLOP/s before the steps, "
+              f"{_common.matmul_peak_gflops(device):.0f} after")
         if memory:
             extra = ["--batch", str(args.batch), "--size", f"{size[0]}x{size[1]}", *layout_args]
             if args.authors_repo is not None:
