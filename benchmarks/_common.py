@@ -38,23 +38,23 @@ def add_child_arguments(parser, tiny_size: str) -> None:
                         help="measure peak memory in child processes (default: on, off with --tiny)")
     parser.add_argument("--tiny", action="store_true",
                         help=f"smoke test: ResNet-18, 2+2 layers, {tiny_size}, 1 rep")
-    parser.add_argument("--ours-layout", choices=["auto", "channels_last", "contiguous"],
+    parser.add_argument("--ours-backbone", choices=["auto", "folded", "modules"],
                         default="auto",
-                        help="memory layout of our folded backbone (auto: the library's choice "
-                             "by input size, see dabdetr.models.backbone)")
+                        help="how our backbone runs: frozen norms folded into the convolutions "
+                             "in channels_last memory, or its modules as they are (auto: the "
+                             "library's choice by input size, see dabdetr.models.backbone)")
     parser.add_argument("--child-side", help=argparse.SUPPRESS)
     parser.add_argument("--child-weights", help=argparse.SUPPRESS)
 
 
-def apply_ours_layout(layout: str) -> list[str]:
-    """Force (or leave to the library) the memory layout of our folded backbone; returns the
-    option to hand on to child processes."""
+def apply_ours_backbone(mode: str) -> list[str]:
+    """Force (or leave to the library) how our backbone runs: folded or as its modules;
+    returns the option to hand on to child processes."""
     from dabdetr.models import backbone
 
-    if layout != "auto":
-        backbone.CHANNELS_LAST_MIN_MACS_PER_WEIGHT = (
-            0 if layout == "channels_last" else float("inf"))
-    return ["--ours-layout", layout]
+    if mode != "auto":
+        backbone.FOLD_MIN_MACS_PER_WEIGHT = 0 if mode == "folded" else float("inf")
+    return ["--ours-backbone", mode]
 
 
 def tiny_config(**overrides) -> DabDetrConfig:

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
                              "torch.optim.AdamW of their main.py)")
     _common.add_child_arguments(parser, tiny_size="128x128")
     args = parser.parse_args(argv)
-    layout_args = _common.apply_ours_layout(args.ours_layout)
+    backbone_args = _common.apply_ours_backbone(args.ours_backbone)
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.size or ((128, 128) if args.tiny else (512, 512))
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"# matmul peak (2048^2 fp32): {peak_before:.0f} GFLOP/s before the steps, "
               f"{_common.matmul_peak_gflops(device):.0f} after")
         if memory:
-            extra = ["--batch", str(args.batch), "--size", f"{size[0]}x{size[1]}", *layout_args]
+            extra = ["--batch", str(args.batch), "--size", f"{size[0]}x{size[1]}", *backbone_args]
             if args.authors_repo is not None:
                 extra += ["--authors-repo", str(args.authors_repo)]
             if args.authors_fused_adamw:

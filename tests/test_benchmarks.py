@@ -59,15 +59,14 @@ def test_benchmarks_tiny_with_memory():
     assert "kept MiB" in results["bench_inference.py"].stdout
 
 
-def test_forced_layouts_of_our_backbone():
-    """--ours-layout: the channels_last path, which the library picks only for large inputs,
-    runs end to end at the smoke-test size (and the default layout in a memory child)."""
+def test_forced_modes_of_our_backbone():
+    """--ours-backbone: the folded path, which the library picks only for large inputs, runs
+    end to end at the smoke-test size (and the unfolded modules in a memory child)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for script, layout in (("bench_train.py", "channels_last"),
-                           ("bench_inference.py", "contiguous")):
+    for script, mode in (("bench_train.py", "folded"), ("bench_inference.py", "modules")):
         result = subprocess.run(
             [sys.executable, str(BENCHMARKS / script), "--tiny", "--threads", "1",
-             "--ours-layout", layout] + (["--memory"] if script == "bench_inference.py" else []),
+             "--ours-backbone", mode] + (["--memory"] if script == "bench_inference.py" else []),
             capture_output=True, text=True, env=env, timeout=600, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
         assert RATIO.search(result.stdout), result.stdout
@@ -140,10 +139,10 @@ def test_peer_adamw_kernel_and_backbone_lr():
         assert lrs[bench_train.LR] == {id(p) for p in model["head"].parameters()}
 
 
-def test_unknown_layout_is_refused_before_any_work(capsys):
+def test_unknown_backbone_mode_is_refused_before_any_work(capsys):
     for name in ("bench_train", "bench_inference"):
         with pytest.raises(SystemExit):
-            _benchmark_module(name).main(["--tiny", "--ours-layout", "diagonal"])
+            _benchmark_module(name).main(["--tiny", "--ours-backbone", "diagonal"])
         assert "invalid choice: 'diagonal'" in capsys.readouterr().err
 
 

@@ -52,18 +52,21 @@ def _foldable(body: nn.Module) -> bool:
     return all(isinstance(m, FrozenBatchNorm2d) or not m.training for m in norms)
 
 
-# On the CPU the folded backbone runs in channels_last memory (oneDNN's native layout) only
-# where that pays: its folded weights are rebuilt on every call, and for channels_last their 3x3
-# kernels are also transposed (in training their gradients are transposed back as well), a cost
-# set by the weights, while what channels_last saves grows with the convolution work, set by
-# the pixels. channels_last is used when (multiply-adds of the call) >= this factor x (elements
-# of the non-1x1 kernels), x3 when autograd reaches the weights. Measured on a 2-core Xeon
-# (benchmarks/RESULTS.md, session 5): inference of R50 at 384x384 and R18 at 384x384
-# 1.15x-1.2x faster in channels_last, R18 at 128x160 1.48x faster without, R50 at 256x256 even;
-# training steps (batch 2) of R50 at 512x512 ~9% faster in channels_last, of R50 at 256x256
-# and R18 at 128x128 and 256x256 5-9% faster without. This factor puts each on its faster
-# side. Other devices always use channels_last (not measured there).
-CHANNELS_LAST_MIN_MACS_PER_WEIGHT = 400
+# On the CPU the backbone folds its frozen norms, in channels_last memory (oneDNN's native
+# layout), only where that pays. The folded weights are rebuilt on every call (and kept for the
+# backward pass in training), and their 3x3 kernels are transposed to channels_last (in training
+# their gradients are transposed back as well): a cost set by the weights. What folding and
+# channels_last save (passes over the feature maps, layout conversions) grows with the
+# convolution work, set by the pixels. The backbone folds when (multiply-adds of the call) >=
+# this factor x (elements of the non-1x1 kernels), x3 when autograd reaches the weights; below
+# that its own modules run as they are, in the default layout. Measured on a 2-core Xeon
+# (benchmarks/RESULTS.md, sessions 5 and 7; time of the modules / time folded): inference of
+# R18 at 128x160, 256x256 and R50 at 192x192 0.73x-0.88x, of R50 at 256x256 and 384x384 and R18
+# at 384x384 1.06x-1.22x; training (batch 2) of R18 at 128x128, 256x256, 384x384 and R50 at
+# 256x256, 288x288 0.77x-0.99x, of R50 at 320x320 and 384x384 1.13x-1.27x, and at 512x512
+# folding is what puts the step ahead of transformers. This factor puts each on its faster side.
+# Other devices always fold, in channels_last (not measured there).
+FOLD_MIN_MACS_PER_WEIGHT = 400
 
 
 def _cost_model(body: nn.Module) -> tuple[float, int]:
@@ -91,17 +94,17 @@ def _cost_model(body: nn.Module) -> tuple[float, int]:
     return macs, kernels
 
 
-def _channels_last_pays(body: nn.Module, images: Tensor,
-                        cost: tuple[float, int] | None = None) -> bool:
-    """Whether `body` should run `images` in channels_last memory; `cost` is
-    `_cost_model(body)` when the caller keeps it (it takes ~0.4 ms to count)."""
+def _folding_pays(body: nn.Module, images: Tensor,
+                  cost: tuple[float, int] | None = None) -> bool:
+    """Whether `body` should run `images` folded in channels_last memory (else its modules as
+    they are); `cost` is `_cost_model(body)` when the caller keeps it (~0.4 ms to count)."""
     if images.device.type != "cpu":
         return True  # measured on CPUs only; GPUs keep the layout their tensor cores prefer
     b, _, h, w = images.shape
     macs_per_pixel, kernels = cost if cost is not None else _cost_model(body)
     trained = torch.is_grad_enabled() and any(p.requires_grad for p in body.parameters())
     return b * h * w * macs_per_pixel >= (
-        CHANNELS_LAST_MIN_MACS_PER_WEIGHT * kernels * (3 if trained else 1))
+        FOLD_MIN_MACS_PER_WEIGHT * kernels * (3 if trained else 1))
 
 
 def _conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
@@ -199,15 +202,15 @@ class Backbone(nn.Module):
     def run_body(self, images: Tensor) -> Tensor:
         """`self.body(images)`: [B, 3, H, W] -> features [B, C, h, w].
 
-        Computed with every eval-mode batch norm folded into the convolution before it
-        (conv(x, w * s) + (beta - mean * s), s = gamma / sqrt(var + eps): the same function,
-        differentiable in w, gamma and beta). This saves the two passes over memory each
-        FrozenBatchNorm2d makes forward and its pass backward, about a quarter of the
-        backbone's training step on CPU. Activations are channels_last, oneDNN's native layout,
-        when the input is large enough to pay for transposing the folded weights (see
-        CHANNELS_LAST_MIN_MACS_PER_WEIGHT), else in the default layout. Bodies this
-        does not know (trainable BatchNorm2d in training mode, replaced modules) run as they are
-        (on channels_last input).
+        For inputs large enough (see FOLD_MIN_MACS_PER_WEIGHT), computed with every eval-mode
+        batch norm folded into the convolution before it (conv(x, w * s) + (beta - mean * s),
+        s = gamma / sqrt(var + eps): the same function, differentiable in w, gamma and beta),
+        on channels_last activations, oneDNN's native layout. This saves the two passes over
+        memory each FrozenBatchNorm2d makes forward and its pass backward, about a quarter of
+        the backbone's training step on CPU. Smaller inputs, where rebuilding and transposing
+        the folded weights costs more than that, run the body's modules as they are. Bodies
+        this cannot fold (trainable BatchNorm2d in training mode, replaced modules) run as they
+        are, on channels_last input.
         """
         body = self.body
         if not _foldable(body):
@@ -215,11 +218,11 @@ class Backbone(nn.Module):
             # which oneDNN's convolutions (forward and backward) and batch norm run faster
             return body(images.contiguous(memory_format=torch.channels_last))
         if self._layout_cost is None:
-            # counted once: it steers the memory layout only, never the result
+            # counted once: it steers how the body runs, never the result beyond rounding
             self._layout_cost = _cost_model(body)
-        pays = _channels_last_pays(body, images, self._layout_cost)
-        x = images.contiguous(memory_format=torch.channels_last if pays
-                              else torch.contiguous_format)
+        if not _folding_pays(body, images, self._layout_cost):
+            return body(images.contiguous())
+        x = images.contiguous(memory_format=torch.channels_last)
         x = body.maxpool(_conv_norm(body.conv1, body.bn1, x).relu_())
         for stage in _STAGES:
             for block in getattr(body, stage, ()):
