@@ -251,7 +251,7 @@ def test_optimized_modes_of_the_command_line():
 
 @pytest.mark.parametrize("name,dilation", [("resnet18", False), ("resnet50", False),
                                            ("resnet50", True), ("resnet101", False)])
-def test_layout_cost_model_counts_what_the_flop_counter_counts(name, dilation):
+def test_fold_cost_model_counts_what_the_flop_counter_counts(name, dilation):
     from torch.utils.flop_counter import FlopCounterMode
 
     body = backbone_module.Backbone(name, dilation=dilation).body.requires_grad_(False)
@@ -269,7 +269,9 @@ def test_fold_choice():
     in training)."""
     r50 = backbone_module.Backbone("resnet50")
     r18 = backbone_module.Backbone("resnet18")
-    pays = backbone_module._folding_pays
+
+    def pays(body, images):
+        return backbone_module._folding_pays(body, images, backbone_module._cost_model(body))
     with torch.no_grad():
         assert pays(r50.body, torch.empty(1, 3, 800, 1088))
         assert pays(r50.body, torch.empty(1, 3, 384, 384))
@@ -291,7 +293,8 @@ def test_small_inputs_run_the_modules_as_they_are():
     model = _perturbed(tiny_config()).train()
     backbone = model.backbone
     images = torch.randn(2, 3, 64, 64)
-    assert not backbone_module._folding_pays(backbone.body, images)
+    assert not backbone_module._folding_pays(backbone.body, images,
+                                             backbone_module._cost_model(backbone.body))
     saved = []
 
     def pack(t):

@@ -94,14 +94,13 @@ def _cost_model(body: nn.Module) -> tuple[float, int]:
     return macs, kernels
 
 
-def _folding_pays(body: nn.Module, images: Tensor,
-                  cost: tuple[float, int] | None = None) -> bool:
+def _folding_pays(body: nn.Module, images: Tensor, cost: tuple[float, int]) -> bool:
     """Whether `body` should run `images` folded in channels_last memory (else its modules as
-    they are); `cost` is `_cost_model(body)` when the caller keeps it (~0.4 ms to count)."""
+    they are); `cost` is `_cost_model(body)`."""
     if images.device.type != "cpu":
-        return True  # measured on CPUs only; GPUs keep the layout their tensor cores prefer
+        return True  # measured on CPUs only: other devices always fold
     b, _, h, w = images.shape
-    macs_per_pixel, kernels = cost if cost is not None else _cost_model(body)
+    macs_per_pixel, kernels = cost
     trained = torch.is_grad_enabled() and any(p.requires_grad for p in body.parameters())
     return b * h * w * macs_per_pixel >= (
         FOLD_MIN_MACS_PER_WEIGHT * kernels * (3 if trained else 1))
@@ -110,7 +109,7 @@ def _folding_pays(body: nn.Module, images: Tensor,
 def _conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     """norm(conv(x)) as one convolution, the (frozen or eval-mode) batch norm folded into the
     convolution's weight and bias; differentiable in the convolution and norm parameters.
-    The folded weight takes x's memory format (channels_last or contiguous)."""
+    The folded weight is channels_last, like the activations of the folded path."""
     scale = (norm.running_var + norm.eps).rsqrt()
     if norm.weight is not None:
         scale = norm.weight * scale
@@ -119,9 +118,8 @@ def _conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
         bias = bias + norm.bias
     if conv.bias is not None:
         bias = bias + conv.bias * scale
-    weight = conv.weight * scale[:, None, None, None]
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        weight = weight.contiguous(memory_format=torch.channels_last)
+    weight = (conv.weight * scale[:, None, None, None]).contiguous(
+        memory_format=torch.channels_last)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
@@ -188,7 +186,7 @@ class Backbone(nn.Module):
         for pname, param in self.body.named_parameters():
             if not pname.startswith(tuple(trainable)):
                 param.requires_grad_(False)
-        self._layout_cost: tuple[float, int] | None = None  # see run_body
+        self._fold_cost: tuple[float, int] | None = None  # see run_body
 
     def forward(self, images: Tensor, mask: Tensor, pad_invariant: bool = False
                 ) -> tuple[Tensor, Tensor]:
@@ -217,10 +215,11 @@ class Backbone(nn.Module):
             # trainable BatchNorm (or unknown modules): as they are, on channels_last memory,
             # which oneDNN's convolutions (forward and backward) and batch norm run faster
             return body(images.contiguous(memory_format=torch.channels_last))
-        if self._layout_cost is None:
-            # counted once: it steers how the body runs, never the result beyond rounding
-            self._layout_cost = _cost_model(body)
-        if not _folding_pays(body, images, self._layout_cost):
+        if self._fold_cost is None:
+            # counted once (~0.4 ms): it steers how the body runs, never the result beyond
+            # rounding
+            self._fold_cost = _cost_model(body)
+        if not _folding_pays(body, images, self._fold_cost):
             return body(images.contiguous())
         x = images.contiguous(memory_format=torch.channels_last)
         x = body.maxpool(_conv_norm(body.conv1, body.bn1, x).relu_())
