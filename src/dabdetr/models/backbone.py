@@ -63,8 +63,8 @@ def _foldable(body: nn.Module) -> bool:
 # (benchmarks/RESULTS.md, sessions 5 and 7; time of the modules / time folded): inference of
 # R18 at 128x160, 256x256 and R50 at 192x192 0.73x-0.88x, of R50 at 256x256 and 384x384 and R18
 # at 384x384 1.06x-1.22x; training (batch 2) of R18 at 128x128, 256x256, 384x384 and R50 at
-# 256x256, 288x288 0.77x-0.99x, of R50 at 320x320 and 384x384 1.13x-1.27x, and at 512x512
-# folding is what puts the step ahead of transformers. This factor puts each on its faster side.
+# 256x256, 288x288 0.77x-0.99x, of R50 at 320x320 and 384x384 1.13x-1.27x (at 512x512, layers
+# 3-4 alone unfolded: 1.12x). This factor puts each on its faster side.
 # Other devices always fold, in channels_last (not measured there).
 FOLD_MIN_MACS_PER_WEIGHT = 400
 
