@@ -87,7 +87,7 @@ def test_fallback_convolutions_match(monkeypatch):
     images, mask = _padded_batch()
     with torch.inference_mode():
         expected = fast(images, mask)
-        monkeypatch.setattr(optimize, "_MKLDNN", False)
+        monkeypatch.setattr(backbone_module, "ONEDNN_FUSION", False)
         _assert_same(fast(images, mask), expected)
 
 
@@ -97,7 +97,7 @@ def test_bf16_off_onednn_is_close_to_the_onednn_kernels(monkeypatch):
     images, mask = _padded_batch()
     with torch.inference_mode():
         onednn = fast(images, mask)
-        monkeypatch.setattr(optimize, "_MKLDNN", False)
+        monkeypatch.setattr(backbone_module, "ONEDNN_FUSION", False)
         plain = fast(images, mask)
     assert plain.pred_boxes.dtype == torch.float32
     torch.testing.assert_close(plain.pred_boxes, onednn.pred_boxes, atol=1e-2, rtol=0)
@@ -181,6 +181,81 @@ def test_folded_backbone_matches_modules_in_training(monkeypatch):
     for name, param in backbone.named_parameters():
         if param.requires_grad:
             _assert_close_scaled(grads[name], param.grad, 1e-4)
+
+
+def _count_fused_kernels(monkeypatch) -> list[bool]:
+    """Spy on the folded path's fused convolutions: one entry per call, whether it ran as a
+    oneDNN kernel."""
+    calls: list[bool] = []
+    real = backbone_module.fused_conv2d
+
+    def spy(x, weight, *args, **kwargs):
+        calls.append(backbone_module.can_fuse(x, weight))
+        return real(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(backbone_module, "fused_conv2d", spy)
+    return calls
+
+
+@pytest.mark.skipif(not backbone_module.ONEDNN_FUSION, reason="needs oneDNN's fused kernels")
+def test_frozen_units_of_the_folded_path_run_fused(monkeypatch):
+    """What autograd need not record runs as fused oneDNN kernels: the whole body without
+    grad, the frozen stem and layer1 in training. Same features and gradients as the modules;
+    the caller's images are left as they were."""
+    monkeypatch.setattr(backbone_module, "FOLD_MIN_MACS_PER_WEIGHT", 0)
+    calls = _count_fused_kernels(monkeypatch)
+    torch.manual_seed(3)  # no ReLU ties, see test_folded_backbone_matches_modules_in_training
+    backbone = _perturbed(tiny_config(backbone="resnet50")).train().backbone
+    images = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    given = images.clone()
+    convs = [m for m in backbone.body.modules() if isinstance(m, nn.Conv2d)]
+    frozen = [m for m in convs if not m.weight.requires_grad]
+    assert 0 < len(frozen) < len(convs)  # the stem and layer1 (recipe: layers 2-4 trained)
+    with torch.no_grad():
+        _assert_close_scaled(backbone.run_body(images), backbone.body(images), 1e-5)
+    assert calls == [True] * len(convs)
+    calls.clear()
+    folded = backbone.run_body(images)
+    assert calls == [True] * len(frozen)
+    folded.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.requires_grad}
+    backbone.zero_grad(set_to_none=True)
+    plain = backbone.body(images)
+    plain.square().mean().backward()
+    _assert_close_scaled(folded, plain, 1e-5)
+    for name, param in backbone.named_parameters():
+        if param.requires_grad:
+            _assert_close_scaled(grads[name], param.grad, 1e-4)
+    assert torch.equal(images, given)
+    # a trained stem: nothing is fused; input that needs its gradient: likewise
+    calls.clear()
+    backbone.body.conv1.weight.requires_grad_(True)
+    backbone.run_body(images)
+    backbone.body.conv1.weight.requires_grad_(False)
+    backbone.run_body(images.clone().requires_grad_(True))
+    assert calls == []
+
+
+def test_folded_path_without_onednn_kernels_and_under_autocast(monkeypatch):
+    """Where oneDNN's fused kernels are missing (other builds) the frozen units run as the
+    trained ones do (F.conv2d), to the same result; under CPU autocast likewise, since
+    autocast casts F.conv2d to bfloat16."""
+    monkeypatch.setattr(backbone_module, "FOLD_MIN_MACS_PER_WEIGHT", 0)
+    torch.manual_seed(0)
+    backbone = _perturbed(tiny_config(backbone="resnet50")).backbone
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = backbone.body(images)
+        calls = _count_fused_kernels(monkeypatch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = backbone.run_body(images)
+        assert calls == [] and low.dtype == torch.bfloat16
+        _assert_close_scaled(low.float(), expected, 5e-2)
+        monkeypatch.setattr(backbone_module, "ONEDNN_FUSION", False)
+        folded = backbone.run_body(images)
+        assert folded.is_contiguous(memory_format=torch.channels_last)  # folded, unfused
+        _assert_close_scaled(folded, expected, 1e-5)
+        assert calls == []
 
 
 def test_trainable_batch_norm_is_not_folded():

@@ -38,29 +38,16 @@ import copy
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
+from dabdetr.models.backbone import fused_conv2d
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.precision import check_amp
 
 __all__ = ["OPTIMIZE_CHOICES", "FusedConv2d", "FusedResNet", "add_cli_argument",
            "fold_batch_norm", "optimize_for_inference", "optimized"]
-
-
-def _mkldnn_pointwise_available() -> bool:
-    mkldnn = getattr(torch.ops, "mkldnn", None)
-    return (
-        torch.backends.mkldnn.is_available()
-        and mkldnn is not None
-        and hasattr(mkldnn, "_convolution_pointwise")
-        and hasattr(mkldnn, "_convolution_pointwise_")
-    )
-
-
-_MKLDNN = _mkldnn_pointwise_available()
 
 
 def fold_batch_norm(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
@@ -123,31 +110,9 @@ class FusedConv2d(nn.Module):
         return (f"{in_ch * self.groups}, {out_ch}, kernel_size=({kh}, {kw}), stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, relu={self.relu}")
 
-    def _use_mkldnn(self, x: Tensor) -> bool:
-        return (
-            _MKLDNN
-            and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and x.dtype == self.weight.dtype
-            and not (torch.is_grad_enabled() and x.requires_grad)
-        )
-
     def forward(self, x: Tensor, shortcut: Tensor | None = None) -> Tensor:
-        if self._use_mkldnn(x):
-            args = (self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
-            unary = "relu" if self.relu else "none"
-            if shortcut is None:
-                return torch.ops.mkldnn._convolution_pointwise(x, *args, unary, [], "")
-            # In place: shortcut <- relu(conv(x) + shortcut), one pass over the output.
-            shortcut = shortcut.contiguous(memory_format=torch.channels_last)
-            return torch.ops.mkldnn._convolution_pointwise_.binary(
-                shortcut, x, *args, "add", 1.0, unary if self.relu else None, [], ""
-            )
-        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                     self.groups)
-        if shortcut is not None:
-            y = y + shortcut
-        return F.relu(y) if self.relu else y
+        return fused_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                            self.groups, self.relu, shortcut)
 
 
 class _FusedBlock(nn.Module):

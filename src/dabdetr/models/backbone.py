@@ -106,10 +106,56 @@ def _folding_pays(body: nn.Module, images: Tensor, cost: tuple[float, int]) -> b
         FOLD_MIN_MACS_PER_WEIGHT * kernels * (3 if trained else 1))
 
 
-def _conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
-    """norm(conv(x)) as one convolution, the (frozen or eval-mode) batch norm folded into the
-    convolution's weight and bias; differentiable in the convolution and norm parameters.
-    The folded weight is channels_last, like the activations of the folded path."""
+def _onednn_fusion_available() -> bool:
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return (
+        torch.backends.mkldnn.is_available()
+        and mkldnn is not None
+        and hasattr(mkldnn, "_convolution_pointwise")
+        and hasattr(mkldnn, "_convolution_pointwise_")
+    )
+
+
+#: oneDNN's fused convolution kernels (convolution + bias + ReLU, + residual sum) are built in
+ONEDNN_FUSION = _onednn_fusion_available()
+
+
+def can_fuse(x: Tensor, weight: Tensor) -> bool:
+    """Whether `fused_conv2d(x, weight, ...)` runs as one oneDNN kernel: a CPU tensor in
+    float32 or bfloat16, the weight's dtype, and nothing that autograd must record."""
+    return (
+        ONEDNN_FUSION
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dtype == weight.dtype
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
+
+
+def fused_conv2d(x: Tensor, weight: Tensor, bias: Tensor, stride, padding, dilation,
+                 groups: int, relu: bool, shortcut: Tensor | None = None) -> Tensor:
+    """relu?(conv2d(x, weight, bias) + shortcut?), the ReLU after the sum as in a residual
+    block. Where `can_fuse` holds this is one oneDNN kernel (one pass over the output), and a
+    shortcut's buffer receives the result (the caller must not need it afterwards); elsewhere
+    F.conv2d and separate operations."""
+    if can_fuse(x, weight):
+        args = (weight, bias, list(padding), list(stride), list(dilation), groups)
+        if shortcut is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, *args, "relu" if relu else "none", [], "")
+        shortcut = shortcut.contiguous(memory_format=torch.channels_last)
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            shortcut, x, *args, "add", 1.0, "relu" if relu else None, [], "")
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if shortcut is not None:
+        y = y + shortcut
+    return F.relu(y) if relu else y
+
+
+def _fold(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of the convolution equal to norm(conv(x)) with the (frozen or eval-mode)
+    batch norm folded in, differentiable in the convolution and norm parameters. The weight is
+    channels_last, like the activations of the folded path."""
     scale = (norm.running_var + norm.eps).rsqrt()
     if norm.weight is not None:
         scale = norm.weight * scale
@@ -120,7 +166,12 @@ def _conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
         bias = bias + conv.bias * scale
     weight = (conv.weight * scale[:, None, None, None]).contiguous(
         memory_format=torch.channels_last)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return weight, bias
+
+
+def _conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """norm(conv(x)) as one convolution with the norm folded in (autograd records it)."""
+    return F.conv2d(x, *_fold(conv, norm), conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def _block_forward(block: nn.Module, x: Tensor) -> Tensor:
@@ -133,6 +184,35 @@ def _block_forward(block: nn.Module, x: Tensor) -> Tensor:
         out = _conv_norm(block.conv2, block.bn2, out)
     shortcut = x if block.downsample is None else _conv_norm(*block.downsample, x)
     return out.add_(shortcut).relu_()
+
+
+@torch.no_grad()
+def _fused_conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, relu: bool,
+                     shortcut: Tensor | None = None) -> Tensor:
+    """relu?(norm(conv(x)) + shortcut?) through `fused_conv2d`, without autograd."""
+    weight, bias = _fold(conv, norm)
+    return fused_conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                        relu, shortcut)
+
+
+def _fused_block_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """`_block_forward` for a block autograd need not record: each convolution one oneDNN
+    kernel with its ReLU, the last one adding the shortcut in place. `x` must be the previous
+    unit's output: an identity shortcut receives the block's result."""
+    shortcut = x if block.downsample is None else _fused_conv_norm(*block.downsample, x, False)
+    out = _fused_conv_norm(block.conv1, block.bn1, x, relu=True)
+    if isinstance(block, Bottleneck):
+        out = _fused_conv_norm(block.conv2, block.bn2, out, relu=True)
+        last = (block.conv3, block.bn3)
+    else:
+        last = (block.conv2, block.bn2)
+    return _fused_conv_norm(*last, out, relu=True, shortcut=shortcut)
+
+
+def _records_grad(x: Tensor, *modules: nn.Module) -> bool:
+    """Whether autograd records `modules` applied to `x`."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters()))
 
 
 class Backbone(nn.Module):
@@ -205,8 +285,11 @@ class Backbone(nn.Module):
         s = gamma / sqrt(var + eps): the same function, differentiable in w, gamma and beta),
         on channels_last activations, oneDNN's native layout. This saves the two passes over
         memory each FrozenBatchNorm2d makes forward and its pass backward, about a quarter of
-        the backbone's training step on CPU. Smaller inputs, where rebuilding and transposing
-        the folded weights costs more than that, run the body's modules as they are. Bodies
+        the backbone's training step on CPU. On CPUs the units autograd need not record (every
+        unit without grad; in training the frozen stem and layer1) run as oneDNN kernels that
+        also apply the ReLU and add the residual in place (not under CPU autocast, which casts
+        F.conv2d). Smaller inputs, where rebuilding and transposing the folded weights costs
+        more than that, run the body's modules as they are. Bodies
         this cannot fold (trainable BatchNorm2d in training mode, replaced modules) run as they
         are, on channels_last input.
         """
@@ -222,10 +305,18 @@ class Backbone(nn.Module):
         if not _folding_pays(body, images, self._fold_cost):
             return body(images.contiguous())
         x = images.contiguous(memory_format=torch.channels_last)
-        x = body.maxpool(_conv_norm(body.conv1, body.bn1, x).relu_())
+        fuse = ONEDNN_FUSION and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        if fuse and not _records_grad(x, body.conv1, body.bn1):
+            x = _fused_conv_norm(body.conv1, body.bn1, x, relu=True)
+        else:
+            x = _conv_norm(body.conv1, body.bn1, x).relu_()
+        x = body.maxpool(x)
         for stage in _STAGES:
             for block in getattr(body, stage, ()):
-                x = _block_forward(block, x)
+                if fuse and not _records_grad(x, block):
+                    x = _fused_block_forward(block, x)
+                else:
+                    x = _block_forward(block, x)
         return x
 
     def _forward_per_image(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
