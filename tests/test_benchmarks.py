@@ -152,3 +152,28 @@ def test_ratio_line_reports_best_median_paired_and_the_spread_of_rounds():
     assert line == ("ratio a/b: 2.00x (best), 2.00x (median), "
                     "2.00x (paired; rounds 2.00x-3.00x)")
     assert common.ratio_line("a/b", [2.0], [1.0]) == "ratio a/b: 2.00x (best), 2.00x (median)"
+
+
+def test_flop_count_sees_the_fused_backbone(monkeypatch):
+    """The FLOP count the inference benchmark prints covers every convolution, also where our
+    backbone runs oneDNN's fused kernels (which torch's flop counter does not see)."""
+    import torch
+    from _util import tiny_config
+
+    import dabdetr
+    from dabdetr.models import backbone
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import _common
+
+    # no parameter needs a gradient (FlopCounterMode requires that in no_grad), as in the script
+    model = dabdetr.DabDetr(tiny_config(backbone="resnet50")).eval().requires_grad_(False)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        monkeypatch.setattr(backbone, "_foldable", lambda body: False)
+        modules = _common.count_flops(lambda: model(images))
+        monkeypatch.undo()
+        monkeypatch.setattr(backbone, "FOLD_MIN_MACS_PER_WEIGHT", 0)
+        folded = _common.count_flops(lambda: model(images))
+    assert folded == modules > 0
+    assert backbone.ONEDNN_FUSION == backbone._onednn_fusion_available()
