@@ -184,6 +184,8 @@ def bench_size(runs: dict, weights: Path, size: tuple[int, int], device: str, wa
     if "authors" in runs:
         for side in sides[2:]:
             print(_common.ratio_line(f"authors/{side}", times["authors"], times[side]))
+    # how fast the (possibly shared) host was just after this size's rounds
+    print(f"# matmul peak after these rounds: {_common.matmul_peak_gflops(device):.0f} GFLOP/s")
     if memory:
         print(_common.memory_report(
             __file__, sides, weights, device, ["--sizes", f"{h}x{w}", *child_args],

@@ -47,6 +47,8 @@ def test_benchmarks_tiny():
     # the host's speed in the same run, which the timings are read against
     assert re.search(r"^# matmul peak .*\d+ GFLOP/s before the steps, \d+ after",
                      results["bench_train.py"].stdout, re.MULTILINE), results["bench_train.py"].stdout
+    assert re.search(r"^# matmul peak after these rounds: \d+ GFLOP/s",
+                     results["bench_inference.py"].stdout, re.MULTILINE)
 
 
 @pytest.mark.slow
