@@ -19,6 +19,7 @@ warm-up step, which creates the optimizer state).
     python benchmarks/bench_train.py                       # R50, batch 2 at 512x512, CPU
     python benchmarks/bench_train.py --device cuda --amp   # bf16 autocast
     python benchmarks/bench_train.py --authors-repo ../DAB-DETR  # + the authors' code
+    python benchmarks/bench_train.py --keep-freed-memory   # malloc as the dabdetr command
     python benchmarks/bench_train.py --tiny                # CI smoke test
 """
 
@@ -162,6 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="tune glibc's malloc as the dabdetr command does "
+                             "(dabdetr.cli.keep_freed_memory) for the timed steps; one process, "
+                             "so every side runs with it (the memory children do not)")
     _authors.add_argument(parser)
     parser.add_argument("--authors-fused-adamw", action="store_true",
                         help="give the authors' side torch's fused AdamW (default: the plain "
@@ -176,6 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.child_side:
         child_memory(args, batch_data)
         return
+    if args.keep_freed_memory:
+        from dabdetr.cli import keep_freed_memory
+
+        print(f"# keep freed memory (glibc mallopt): {'set' if keep_freed_memory() else 'not available'}")
     warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 1)
     reps = args.reps if args.reps is not None else (1 if args.tiny else 8)
     memory = args.memory if args.memory is not None else not args.tiny

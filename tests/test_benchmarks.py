@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -63,15 +64,21 @@ def test_benchmarks_tiny_with_memory():
 
 def test_forced_modes_of_our_backbone():
     """--ours-backbone: the folded path, which the library picks only for large inputs, runs
-    end to end at the smoke-test size (and the unfolded modules in a memory child)."""
+    end to end at the smoke-test size (and the unfolded modules in a memory child).
+    bench_train also runs with the dabdetr command's malloc setting (--keep-freed-memory)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    extra = {"bench_train.py": ["--keep-freed-memory"], "bench_inference.py": ["--memory"]}
+    outputs = {}
     for script, mode in (("bench_train.py", "folded"), ("bench_inference.py", "modules")):
         result = subprocess.run(
             [sys.executable, str(BENCHMARKS / script), "--tiny", "--threads", "1",
-             "--ours-backbone", mode] + (["--memory"] if script == "bench_inference.py" else []),
+             "--ours-backbone", mode, *extra[script]],
             capture_output=True, text=True, env=env, timeout=600, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
         assert RATIO.search(result.stdout), result.stdout
+        outputs[script] = result.stdout
+    state = "set" if platform.libc_ver()[0] == "glibc" else "not available"
+    assert f"# keep freed memory (glibc mallopt): {state}" in outputs["bench_train.py"]
 
 
 def test_inexact_modes_tiny():
