@@ -1,9 +1,10 @@
 """Faster inference with the same outputs: a fused, pre-folded ResNet.
 
 The plain model already folds each frozen batch norm into its convolution on the fly, for
-inputs large enough to pay for refolding on every call (`Backbone.run_body`).
-`optimize_for_inference(model)` returns an inference-only copy that folds once, at any input
-size, and goes further:
+inputs large enough to pay for refolding on every call, and without grad runs the same fused
+oneDNN kernels as below (`Backbone.run_body`). `optimize_for_inference(model)` returns an
+inference-only copy that folds once, at any input size (on small inputs the plain model runs
+its modules unfolded):
 
 - the folded weights (w' = w * s, b' = beta - mean * s with s = gamma / sqrt(var + eps)) are
   computed once, in float64, and stored channels_last;
