@@ -289,9 +289,8 @@ class Backbone(nn.Module):
         unit without grad; in training the frozen stem and layer1) run as oneDNN kernels that
         also apply the ReLU and add the residual in place (not under CPU autocast, which casts
         F.conv2d). Smaller inputs, where rebuilding and transposing the folded weights costs
-        more than that, run the body's modules as they are. Bodies
-        this cannot fold (trainable BatchNorm2d in training mode, replaced modules) run as they
-        are, on channels_last input.
+        more than that, run the body's modules as they are. Bodies this cannot fold (trainable
+        BatchNorm2d in training mode, replaced modules) run as they are, on channels_last input.
         """
         body = self.body
         if not _foldable(body):
