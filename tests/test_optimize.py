@@ -157,6 +157,21 @@ def test_bad_arguments():
         FusedResNet(nn.Sequential(nn.Conv2d(3, 3, 1)))
 
 
+def _assert_matches_modules_in_training(backbone, images, folded):
+    """`folded` (run_body's output for `images`) and the parameter gradients it gives equal
+    those of the body's own modules."""
+    folded.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.requires_grad}
+    assert grads
+    backbone.zero_grad(set_to_none=True)
+    plain = backbone.body(images)
+    plain.square().mean().backward()
+    _assert_close_scaled(folded, plain, 1e-5)
+    for name, param in backbone.named_parameters():
+        if param.requires_grad:
+            _assert_close_scaled(grads[name], param.grad, 1e-4)
+
+
 def test_folded_backbone_matches_modules_in_training(monkeypatch):
     """Backbone.run_body, made to fold the frozen norms: same features and same gradients as
     the body's own modules, in channels_last memory."""
@@ -171,16 +186,7 @@ def test_folded_backbone_matches_modules_in_training(monkeypatch):
     folded = backbone.run_body(images)
     assert folded.is_contiguous(memory_format=torch.channels_last)
     assert not folded.is_contiguous()  # the folded path ran, not the modules
-    folded.square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.requires_grad}
-    backbone.zero_grad(set_to_none=True)
-    plain = backbone.body(images)
-    plain.square().mean().backward()
-    _assert_close_scaled(folded, plain, 1e-5)
-    assert grads
-    for name, param in backbone.named_parameters():
-        if param.requires_grad:
-            _assert_close_scaled(grads[name], param.grad, 1e-4)
+    _assert_matches_modules_in_training(backbone, images, folded)
 
 
 def _count_fused_kernels(monkeypatch) -> list[bool]:
@@ -217,15 +223,7 @@ def test_frozen_units_of_the_folded_path_run_fused(monkeypatch):
     calls.clear()
     folded = backbone.run_body(images)
     assert calls == [True] * len(frozen)
-    folded.square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.requires_grad}
-    backbone.zero_grad(set_to_none=True)
-    plain = backbone.body(images)
-    plain.square().mean().backward()
-    _assert_close_scaled(folded, plain, 1e-5)
-    for name, param in backbone.named_parameters():
-        if param.requires_grad:
-            _assert_close_scaled(grads[name], param.grad, 1e-4)
+    _assert_matches_modules_in_training(backbone, images, folded)
     assert torch.equal(images, given)
     # a trained stem: nothing is fused; input that needs its gradient: likewise
     calls.clear()
