@@ -204,14 +204,17 @@ def _count_fused_kernels(monkeypatch) -> list[bool]:
 
 
 @pytest.mark.skipif(not backbone_module.ONEDNN_FUSION, reason="needs oneDNN's fused kernels")
-def test_frozen_units_of_the_folded_path_run_fused(monkeypatch):
+@pytest.mark.parametrize("overrides", [{"backbone": "resnet50"},
+                                       {"backbone": "resnet50", "dilation": True}, {}],
+                         ids=["r50", "dc5", "r18"])  # r18: layer1.0 adds in place into the pool output
+def test_frozen_units_of_the_folded_path_run_fused(monkeypatch, overrides):
     """What autograd need not record runs as fused oneDNN kernels: the whole body without
     grad, the frozen stem and layer1 in training. Same features and gradients as the modules;
     the caller's images are left as they were."""
     monkeypatch.setattr(backbone_module, "FOLD_MIN_MACS_PER_WEIGHT", 0)
     calls = _count_fused_kernels(monkeypatch)
     torch.manual_seed(3)  # no ReLU ties, see test_folded_backbone_matches_modules_in_training
-    backbone = _perturbed(tiny_config(backbone="resnet50")).train().backbone
+    backbone = _perturbed(tiny_config(**overrides)).train().backbone
     images = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
     given = images.clone()
     convs = [m for m in backbone.body.modules() if isinstance(m, nn.Conv2d)]
