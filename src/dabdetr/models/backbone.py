@@ -169,44 +169,38 @@ def _fold(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
     return weight, bias
 
 
-def _conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
-    """norm(conv(x)) as one convolution with the norm folded in (autograd records it)."""
-    return F.conv2d(x, *_fold(conv, norm), conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-def _block_forward(block: nn.Module, x: Tensor) -> Tensor:
-    """A torchvision Bottleneck / BasicBlock with folded norms (same computation)."""
-    out = _conv_norm(block.conv1, block.bn1, x).relu_()
-    if isinstance(block, Bottleneck):
-        out = _conv_norm(block.conv2, block.bn2, out).relu_()
-        out = _conv_norm(block.conv3, block.bn3, out)
-    else:
-        out = _conv_norm(block.conv2, block.bn2, out)
-    shortcut = x if block.downsample is None else _conv_norm(*block.downsample, x)
-    return out.add_(shortcut).relu_()
+def _conv_norm_act(conv: nn.Conv2d, norm: nn.Module, x: Tensor, relu: bool,
+                   shortcut: Tensor | None = None) -> Tensor:
+    """relu?(norm(conv(x)) + shortcut?) as one convolution with the norm folded in, recorded by
+    autograd; the sum and the ReLU in place on the convolution's output."""
+    y = F.conv2d(x, *_fold(conv, norm), conv.stride, conv.padding, conv.dilation, conv.groups)
+    if shortcut is not None:
+        y = y.add_(shortcut)
+    return y.relu_() if relu else y
 
 
 @torch.no_grad()
-def _fused_conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, relu: bool,
-                     shortcut: Tensor | None = None) -> Tensor:
-    """relu?(norm(conv(x)) + shortcut?) through `fused_conv2d`, without autograd."""
+def _fused_conv_norm_act(conv: nn.Conv2d, norm: nn.Module, x: Tensor, relu: bool,
+                         shortcut: Tensor | None = None) -> Tensor:
+    """`_conv_norm_act` without autograd, through `fused_conv2d`: one oneDNN kernel where it
+    can, writing into the shortcut's buffer."""
     weight, bias = _fold(conv, norm)
     return fused_conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
                         relu, shortcut)
 
 
-def _fused_block_forward(block: nn.Module, x: Tensor) -> Tensor:
-    """`_block_forward` for a block autograd need not record: each convolution one oneDNN
-    kernel with its ReLU, the last one adding the shortcut in place. `x` must be the previous
+def _block_forward(block: nn.Module, x: Tensor, conv_norm_act: Callable[..., Tensor]) -> Tensor:
+    """A torchvision Bottleneck / BasicBlock with folded norms (same computation), each
+    convolution through `conv_norm_act`. With `_fused_conv_norm_act`, `x` must be the previous
     unit's output: an identity shortcut receives the block's result."""
-    shortcut = x if block.downsample is None else _fused_conv_norm(*block.downsample, x, False)
-    out = _fused_conv_norm(block.conv1, block.bn1, x, relu=True)
+    out = conv_norm_act(block.conv1, block.bn1, x, True)
     if isinstance(block, Bottleneck):
-        out = _fused_conv_norm(block.conv2, block.bn2, out, relu=True)
+        out = conv_norm_act(block.conv2, block.bn2, out, True)
         last = (block.conv3, block.bn3)
     else:
         last = (block.conv2, block.bn2)
-    return _fused_conv_norm(*last, out, relu=True, shortcut=shortcut)
+    shortcut = x if block.downsample is None else conv_norm_act(*block.downsample, x, False)
+    return conv_norm_act(*last, out, True, shortcut)
 
 
 def _records_grad(x: Tensor, *modules: nn.Module) -> bool:
@@ -305,17 +299,17 @@ class Backbone(nn.Module):
             return body(images.contiguous())
         x = images.contiguous(memory_format=torch.channels_last)
         fuse = ONEDNN_FUSION and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-        if fuse and not _records_grad(x, body.conv1, body.bn1):
-            x = _fused_conv_norm(body.conv1, body.bn1, x, relu=True)
-        else:
-            x = _conv_norm(body.conv1, body.bn1, x).relu_()
-        x = body.maxpool(x)
+
+        def conv_norm_act(x: Tensor, *modules: nn.Module) -> Callable[..., Tensor]:
+            # what autograd need not record runs fused (the frozen stem and layer1 in training)
+            fused = fuse and not _records_grad(x, *modules)
+            return _fused_conv_norm_act if fused else _conv_norm_act
+
+        stem = conv_norm_act(x, body.conv1, body.bn1)
+        x = body.maxpool(stem(body.conv1, body.bn1, x, True))
         for stage in _STAGES:
             for block in getattr(body, stage, ()):
-                if fuse and not _records_grad(x, block):
-                    x = _fused_block_forward(block, x)
-                else:
-                    x = _block_forward(block, x)
+                x = _block_forward(block, x, conv_norm_act(x, block))
         return x
 
     def _forward_per_image(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
