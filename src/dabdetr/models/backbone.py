@@ -169,11 +169,92 @@ def _fold(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
     return weight, bias
 
 
+# In training on the CPU, oneDNN's kernel for a convolution's weight gradient is slow where
+# the weights are many for the output pixels they reduce over, as in layer4 (batch 2 at 512x512:
+# 512 output pixels for 2.4M weights of a 3x3 kernel; 134 GFLOP/s against ~300 for the forward).
+# There the backbone computes that gradient as one GEMM (MKL) over the input's patches instead,
+# and leaves the input gradient to oneDNN. Measured on a 2-core Xeon (benchmarks/RESULTS.md,
+# session 9; time of oneDNN's backward / input gradient + GEMM): 1x1 kernels 1.0x-1.6x at
+# every size tried (512 to 32768 output pixels); 3x3 kernels 1.1x-1.6x at 1388-4608 weights
+# per output pixel, 0.8x-0.97x at 72-1152. 1x1 kernels always take the GEMM; larger ones
+# where (weights) >= this factor x (output pixels).
+GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL = 1200
+
+
+def _gemm_weight_grad_pays(conv: nn.Conv2d, x: Tensor, weight: Tensor) -> bool:
+    """Whether `conv` (with `weight`, its folded weight) applied to `x` should compute its
+    weight gradient as a GEMM (`_Conv2dGemmWeightGrad`)."""
+    if (x.device.type != "cpu" or conv.groups != 1 or isinstance(conv.padding, str)
+            or torch.is_autocast_enabled("cpu")
+            or not (torch.is_grad_enabled() and weight.requires_grad)):
+        return False
+    if conv.kernel_size == (1, 1):
+        return True
+    n, _, h, w = x.shape
+    out_h, out_w = (
+        (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+        for size, pad, dil, k, stride in zip(
+            (h, w), conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True))
+    return weight.numel() >= GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL * n * out_h * out_w
+
+
+def _patches(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+             padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    """The convolution's input patches (im2col) of x [N, C, H, W]: [N*Ho*Wo, kh*kw*C], one row
+    per output pixel in (n, y, x) order, columns in (ky, kx, c) order, a channels_last kernel's."""
+    rows = x.permute(0, 2, 3, 1)  # [N, H, W, C]: a view where x is channels_last
+    if kernel == (1, 1):
+        return rows[:, :: stride[0], :: stride[1]].reshape(-1, x.shape[1])
+    (ph, pw), (dh, dw), (kh, kw) = padding, dilation, kernel
+    rows = F.pad(rows, (0, 0, pw, pw, ph, ph))
+    windows = rows.unfold(1, dh * (kh - 1) + 1, stride[0]).unfold(2, dw * (kw - 1) + 1, stride[1])
+    windows = windows[..., ::dh, ::dw]  # [N, Ho, Wo, C, kh, kw]
+    return windows.permute(0, 1, 2, 4, 5, 3).reshape(-1, kh * kw * x.shape[1])
+
+
+class _Conv2dGemmWeightGrad(torch.autograd.Function):
+    """F.conv2d(x, weight, bias, stride, padding, dilation) (groups 1) whose backward computes
+    the weight gradient as one GEMM over the input's patches; the input gradient stays with
+    the convolution's own backward. Same gradients up to float rounding (order of the sums)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
+                dilation) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = (tuple(stride), tuple(padding), tuple(dilation))
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.geometry
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_weight = grad_bias = None
+        if need_x:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, list(stride), list(padding), list(dilation), False,
+                [0, 0], 1, [True, False, False])[0]
+        rows = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # [N*Ho*Wo, Cout]
+        if need_weight:
+            cout, cin, kh, kw = weight.shape
+            patches = _patches(x, (kh, kw), stride, padding, dilation)
+            grad_weight = (rows.t() @ patches).view(cout, kh, kw, cin).permute(0, 3, 1, 2)
+        if need_bias:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
 def _conv_norm_act(conv: nn.Conv2d, norm: nn.Module, x: Tensor, relu: bool,
                    shortcut: Tensor | None = None) -> Tensor:
     """relu?(norm(conv(x)) + shortcut?) as one convolution with the norm folded in, recorded by
     autograd; the sum and the ReLU in place on the convolution's output."""
-    y = F.conv2d(x, *_fold(conv, norm), conv.stride, conv.padding, conv.dilation, conv.groups)
+    weight, bias = _fold(conv, norm)
+    if _gemm_weight_grad_pays(conv, x, weight):
+        y = _Conv2dGemmWeightGrad.apply(x, weight, bias, conv.stride, conv.padding, conv.dilation)
+    else:
+        y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if shortcut is not None:
         y = y.add_(shortcut)
     return y.relu_() if relu else y
@@ -282,8 +363,11 @@ class Backbone(nn.Module):
         the backbone's training step on CPU. On CPUs the units autograd need not record (every
         unit without grad; in training the frozen stem and layer1) run as oneDNN kernels that
         also apply the ReLU and add the residual in place (not under CPU autocast, which casts
-        F.conv2d). Smaller inputs, where rebuilding and transposing the folded weights costs
-        more than that, run the body's modules as they are. Bodies this cannot fold (trainable
+        F.conv2d). In training on CPUs, the trained convolutions with many weights for their
+        output pixels (every 1x1, and layer4's 3x3 at the recipe's sizes) compute their weight
+        gradient as a GEMM (see GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL). Smaller inputs, where
+        rebuilding and transposing the folded weights costs more than that, run the body's
+        modules as they are. Bodies this cannot fold (trainable
         BatchNorm2d in training mode, replaced modules) run as they are, on channels_last input.
         """
         body = self.body
