@@ -261,8 +261,9 @@ def test_folded_path_without_onednn_kernels_and_under_autocast(monkeypatch):
 
 @pytest.mark.parametrize(
     ("kernel", "stride", "padding", "dilation"),
-    [(1, 1, 0, 1), (1, 2, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2), (7, 2, 3, 1)],
-    ids=["1x1", "1x1-s2", "3x3", "3x3-s2", "3x3-dilated", "7x7-s2"])
+    [(1, 1, 0, 1), (1, 2, 0, 1), (1, 1, 1, 1), (3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2),
+     (7, 2, 3, 1)],
+    ids=["1x1", "1x1-s2", "1x1-padded", "3x3", "3x3-s2", "3x3-dilated", "7x7-s2"])
 @pytest.mark.parametrize("input_grad", [True, False], ids=["x-grad", "no-x-grad"])
 def test_gemm_weight_gradient_equals_the_convolutions(kernel, stride, padding, dilation,
                                                       input_grad):

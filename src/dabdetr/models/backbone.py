@@ -174,10 +174,10 @@ def _fold(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
 # 512 output pixels for 2.4M weights of a 3x3 kernel; 134 GFLOP/s against ~300 for the forward).
 # There the backbone computes that gradient as one GEMM (MKL) over the input's patches instead,
 # and leaves the input gradient to oneDNN. Measured on a 2-core Xeon (benchmarks/RESULTS.md,
-# session 9; time of oneDNN's backward / input gradient + GEMM): 1x1 kernels 1.0x-1.6x at
-# every size tried (512 to 32768 output pixels); 3x3 kernels 1.1x-1.6x at 1388-4608 weights
-# per output pixel, 0.8x-0.97x at 72-1152. 1x1 kernels always take the GEMM; larger ones
-# where (weights) >= this factor x (output pixels).
+# session 9; time of oneDNN's backward / input gradient + GEMM, R50 shapes at batch 2): 1x1
+# kernels 1.06x-1.8x at every size tried (512 to 32768 output pixels); 3x3 kernels 1.1x-1.7x
+# at 1388-4608 weights per output pixel, 0.8x-1.08x at 72-1152. 1x1 kernels always take the
+# GEMM; larger ones where (weights) >= this factor x (output pixels).
 GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL = 1200
 
 
@@ -203,7 +203,7 @@ def _patches(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
     """The convolution's input patches (im2col) of x [N, C, H, W]: [N*Ho*Wo, kh*kw*C], one row
     per output pixel in (n, y, x) order, columns in (ky, kx, c) order, a channels_last kernel's."""
     rows = x.permute(0, 2, 3, 1)  # [N, H, W, C]: a view where x is channels_last
-    if kernel == (1, 1):
+    if kernel == (1, 1) and tuple(padding) == (0, 0):
         return rows[:, :: stride[0], :: stride[1]].reshape(-1, x.shape[1])
     (ph, pw), (dh, dw), (kh, kw) = padding, dilation, kernel
     rows = F.pad(rows, (0, 0, pw, pw, ph, ph))
