@@ -251,3 +251,32 @@ def test_bf16_autocast_keeps_boxes_and_outputs_in_float32(overrides):
     (out.pred_logits.sum() + out.pred_boxes.sum()).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+
+
+@pytest.mark.parametrize(
+    ("num_parameters", "dtype"),
+    [(1, torch.float32), (1, torch.float64), (5, torch.float32)],
+    ids=["one-slope", "float64", "per-channel"])
+def test_prelu_equals_torch_prelu(num_parameters, dtype):
+    """The transformer's PReLU (a leaky ReLU with its own backward for one slope on the CPU,
+    nn.PReLU's kernels otherwise): nn.PReLU's outputs and gradients, zeros included, and its
+    state dict."""
+    from dabdetr.models.transformer import PReLU
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, generator=gen).to(dtype)
+    x[0, 0] = 0.0
+    ours = PReLU(num_parameters).to(dtype)
+    theirs = torch.nn.PReLU(num_parameters).to(dtype)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(num_parameters, generator=gen) - 0.5)
+    theirs.load_state_dict(ours.state_dict())
+    grad = torch.randn(x.shape, generator=gen, dtype=dtype)
+    results = []
+    for module in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        y = module(xi)
+        results.append((y, *torch.autograd.grad(y, (xi, module.weight), grad)))
+    for got, expected in zip(*results, strict=True):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

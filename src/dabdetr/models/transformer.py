@@ -48,9 +48,44 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+class _ScalarPReLU(torch.autograd.Function):
+    """prelu(x, slope) for a one-element slope, as a leaky ReLU with the slope read once."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, slope: Tensor) -> Tensor:
+        ctx.save_for_backward(x, slope)
+        return F.leaky_relu(x, slope.item())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, slope = ctx.saved_tensors
+        grad_x = grad_slope = None
+        if ctx.needs_input_grad[0]:  # grad where x > 0, grad * slope elsewhere
+            grad_x = torch.ops.aten.leaky_relu_backward(grad, x, slope.item(), False)
+        if ctx.needs_input_grad[1]:  # sum of grad * x where x <= 0
+            grad_slope = torch.dot(grad.reshape(-1), x.clamp(max=0).reshape(-1))
+            grad_slope = grad_slope.reshape(slope.shape)
+        return grad_x, grad_slope
+
+
+class PReLU(nn.PReLU):
+    """nn.PReLU (same parameter, same outputs). With one slope, on the CPU, it runs as a leaky
+    ReLU whose backward is torch's vectorized leaky-ReLU kernel plus one dot product for the
+    slope's gradient: the FFN activation's forward + backward ~3x faster than nn.PReLU's there
+    (benchmarks/RESULTS.md, session 9). Elsewhere (per-channel slopes, other devices, where
+    reading the slope would wait for the device, mixed dtypes) nn.PReLU's own kernels."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        slope = self.weight
+        if slope.numel() == 1 and x.device.type == "cpu" and x.dtype == slope.dtype:
+            return _ScalarPReLU.apply(x, slope)
+        return super().forward(x)
+
+
 def _activation(name: str) -> nn.Module:
     if name == "prelu":
-        return nn.PReLU()  # one learnable slope, init 0.25
+        return PReLU()  # one learnable slope, init 0.25
     if name == "relu":
         return nn.ReLU()
     if name == "gelu":
