@@ -367,8 +367,8 @@ class Backbone(nn.Module):
         output pixels (every 1x1, and layer4's 3x3 at the recipe's sizes) compute their weight
         gradient as a GEMM (see GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL). Smaller inputs, where
         rebuilding and transposing the folded weights costs more than that, run the body's
-        modules as they are. Bodies this cannot fold (trainable
-        BatchNorm2d in training mode, replaced modules) run as they are, on channels_last input.
+        modules as they are. Bodies this cannot fold (trainable BatchNorm2d in training mode,
+        replaced modules) run as they are, on channels_last input.
         """
         body = self.body
         if not _foldable(body):
