@@ -185,20 +185,13 @@ def matmul_peak_gflops(device: str, n: int = 2048, reps: int = 5) -> float:
 
 
 def count_flops(fn: Callable[[], object]) -> float:
-    """FLOPs of one call, as torch.utils.flop_counter counts them (2 per multiply-add).
-    The counter does not see oneDNN's fused convolutions, so our backbone runs its unfused
-    path here (the same convolutions)."""
+    """FLOPs of one call, as torch.utils.flop_counter counts them (2 per multiply-add; dabdetr
+    gives it the FLOPs of oneDNN's fused convolutions, see dabdetr.models.backbone)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dabdetr.models import backbone
-
     counter = FlopCounterMode(display=False)
-    fusion, backbone.ONEDNN_FUSION = backbone.ONEDNN_FUSION, False
-    try:
-        with counter:
-            fn()
-    finally:
-        backbone.ONEDNN_FUSION = fusion
+    with counter:
+        fn()
     return float(counter.get_total_flops())
 
 

@@ -320,6 +320,32 @@ def test_folded_training_takes_the_gemm_weight_gradient_where_it_pays(monkeypatc
     assert taken == []
 
 
+@pytest.mark.skipif(not backbone_module.ONEDNN_FUSION, reason="needs oneDNN's fused kernels")
+def test_flop_counter_counts_the_fused_kernels(monkeypatch):
+    """torch's FlopCounterMode gives the same count whether the backbone runs its modules, the
+    fused oneDNN kernels of the folded path, or optimize_for_inference's (as
+    `python -m dabdetr.presets` prints it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _perturbed(tiny_config(backbone="resnet50")).requires_grad_(False)
+    images = torch.randn(1, 3, 64, 96)
+
+    def count(m) -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            m(images)
+        return counter.get_total_flops()
+
+    monkeypatch.setattr(backbone_module, "_foldable", lambda body: False)
+    modules = count(model)
+    monkeypatch.undo()
+    monkeypatch.setattr(backbone_module, "FOLD_MIN_MACS_PER_WEIGHT", 0)
+    calls = _count_fused_kernels(monkeypatch)
+    folded = count(model)
+    assert calls and all(calls)  # the fused kernels ran
+    assert folded == modules > 0
+    assert count(optimize_for_inference(model)) == modules
+
+
 def test_trainable_batch_norm_is_not_folded():
     model = dabdetr.DabDetr(tiny_config(backbone_norm="batch")).train()
     images = torch.randn(2, 3, 64, 64)

@@ -123,6 +123,32 @@ def _onednn_fusion_available() -> bool:
 ONEDNN_FUSION = _onednn_fusion_available()
 
 
+def _register_fused_flops() -> None:
+    """Give torch's flop counter (torch.utils.flop_counter.FlopCounterMode) the FLOPs of the
+    fused oneDNN convolutions, which it would count as 0, so FLOP counts of the model are the
+    same on every path. Skipped where torch already counts them."""
+    from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
+
+    def pointwise(x_shape, second, third, *args, out_shape=None, **kwargs) -> int:
+        # .default(X, W, B, ...) or .binary(X, other, W, B, ...): W is the 4-d one after X
+        weight = third if third is not None and len(third) == 4 else second
+        return conv_flop_count(x_shape, weight, out_shape)
+
+    def pointwise_inplace(other_shape, x_shape, w_shape, *args, **kwargs) -> int:
+        # .binary(other, X, W, ...): the result is written into `other`
+        return conv_flop_count(x_shape, w_shape, other_shape)
+
+    mkldnn = torch.ops.mkldnn
+    for op, formula in ((mkldnn._convolution_pointwise, pointwise),
+                        (mkldnn._convolution_pointwise_, pointwise_inplace)):
+        if op not in flop_registry:
+            register_flop_formula(op)(formula)
+
+
+if ONEDNN_FUSION:
+    _register_fused_flops()
+
+
 def can_fuse(x: Tensor, weight: Tensor) -> bool:
     """Whether `fused_conv2d(x, weight, ...)` runs as one oneDNN kernel: a CPU tensor in
     float32 or bfloat16, the weight's dtype, and nothing that autograd must record."""
