@@ -265,7 +265,7 @@ class _Conv2dGemmWeightGrad(torch.autograd.Function):
             grad_x = torch.ops.aten.convolution_backward(
                 grad, x, weight, None, list(stride), list(padding), list(dilation), False,
                 [0, 0], 1, [True, False, False])[0]
-        rows = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # [N*Ho*Wo, Cout]
+        rows = grad.permute(0, 2, 3, 1).view(-1, grad.shape[1])  # [N*Ho*Wo, Cout], a view
         if need_weight:
             cout, cin, kh, kw = weight.shape
             patches = _patches(x, (kh, kw), stride, padding, dilation)

@@ -53,19 +53,19 @@ class _ScalarPReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, slope: Tensor) -> Tensor:
-        ctx.save_for_backward(x, slope)
-        return F.leaky_relu(x, slope.item())
+        ctx.save_for_backward(x)
+        ctx.slope = slope.item()
+        return F.leaky_relu(x, ctx.slope)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        x, slope = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         grad_x = grad_slope = None
         if ctx.needs_input_grad[0]:  # grad where x > 0, grad * slope elsewhere
-            grad_x = torch.ops.aten.leaky_relu_backward(grad, x, slope.item(), False)
-        if ctx.needs_input_grad[1]:  # sum of grad * x where x <= 0
-            grad_slope = torch.dot(grad.reshape(-1), x.clamp(max=0).reshape(-1))
-            grad_slope = grad_slope.reshape(slope.shape)
+            grad_x = torch.ops.aten.leaky_relu_backward(grad, x, ctx.slope, False)
+        if ctx.needs_input_grad[1]:  # sum of grad * x where x <= 0: the slope's one element
+            grad_slope = torch.dot(grad.reshape(-1), x.clamp(max=0).reshape(-1)).reshape(1)
         return grad_x, grad_slope
 
 
