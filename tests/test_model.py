@@ -280,3 +280,38 @@ def test_prelu_equals_torch_prelu(num_parameters, dtype):
     for got, expected in zip(*results, strict=True):
         assert got.dtype == expected.dtype and got.shape == expected.shape
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("num_parameters", "dtype", "dropout", "fused"),
+    [(1, torch.float32, 0.0, True), (1, torch.float64, 0.0, True),
+     (7, torch.float32, 0.0, False), (1, torch.float32, 0.5, False)],
+    ids=["one-slope", "float64", "per-channel", "dropout"])
+def test_feed_forward_equals_the_modules(num_parameters, dtype, dropout, fused, monkeypatch):
+    """feed_forward (PReLU and linear2 as one function that keeps the hidden layer, not the
+    activation, for backward): linear2(prelu(linear1(x)))'s output and gradients for the
+    input and every parameter. Per-channel slopes and active dropout run the modules."""
+    from dabdetr.models import transformer
+
+    gen = torch.Generator().manual_seed(0)
+    linear1, linear2 = torch.nn.Linear(6, 16).to(dtype), torch.nn.Linear(16, 6).to(dtype)
+    activation = transformer.PReLU(num_parameters).to(dtype)
+    with torch.no_grad():
+        activation.weight.copy_(torch.rand(num_parameters, generator=gen) - 0.5)
+    drop = torch.nn.Dropout(dropout).train()
+    x = torch.randn(2, 7, 6, generator=gen, dtype=dtype)
+    grad = torch.randn(2, 7, 6, generator=gen, dtype=dtype)
+    calls = []
+    real = transformer._PReLULinear.apply
+    monkeypatch.setattr(transformer._PReLULinear, "apply", lambda *a: calls.append(1) or real(*a))
+    params = [*linear1.parameters(), activation.weight, *linear2.parameters()]
+    results = []
+    for run in (transformer.feed_forward, lambda x, l1, a, d, l2: l2(d(a(l1(x))))):
+        torch.manual_seed(1)  # the same dropout mask on both sides
+        xi = x.clone().requires_grad_(True)
+        y = run(xi, linear1, activation, drop, linear2)
+        results.append((y, *torch.autograd.grad(y, (xi, *params), grad)))
+    assert calls == ([1] if fused else [])
+    for got, expected in zip(*results, strict=True):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -265,59 +265,66 @@ def test_folded_path_without_onednn_kernels_and_under_autocast(monkeypatch):
      (7, 2, 3, 1)],
     ids=["1x1", "1x1-s2", "1x1-padded", "3x3", "3x3-s2", "3x3-dilated", "7x7-s2"])
 @pytest.mark.parametrize("input_grad", [True, False], ids=["x-grad", "no-x-grad"])
-def test_gemm_weight_gradient_equals_the_convolutions(kernel, stride, padding, dilation,
-                                                      input_grad):
-    """_Conv2dGemmWeightGrad: the output of F.conv2d, and the gradients of its own backward
-    for the input, the weight and the bias, in channels_last memory as the folded path runs
-    it (float64, so float rounding cannot hide a wrong patch order)."""
+@pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "onednn"])
+def test_folded_convolution_equals_the_convolution_of_the_scaled_kernel(
+        kernel, stride, padding, dilation, input_grad, gemm):
+    """_FoldedConv2d: the output of F.conv2d with the kernel scaled per output channel, and
+    autograd's gradients through it for the input and the weight parameter, the weight's
+    gradient in the parameter's own layout; its weight gradient as a GEMM over the patches
+    or by the convolution's backward (float64, so float rounding cannot hide a wrong patch
+    order)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 11, 9, generator=gen, dtype=torch.float64)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_(input_grad)
-    weight = torch.randn(4, 5, kernel, kernel, generator=gen, dtype=torch.float64)
-    weight = weight.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    bias = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 5, kernel, kernel, generator=gen, dtype=torch.float64,
+                         requires_grad=True)
+    scale = torch.rand(4, generator=gen, dtype=torch.float64) + 0.5
+    shift = torch.randn(4, generator=gen, dtype=torch.float64)
     geometry = ((stride, stride), (padding, padding), (dilation, dilation))
-    out = backbone_module._Conv2dGemmWeightGrad.apply(x, weight, bias, *geometry)
-    ref = torch.nn.functional.conv2d(x, weight, bias, *geometry)
+    out = backbone_module._FoldedConv2d.apply(x, weight, scale, shift, *geometry, gemm)
+    ref = torch.nn.functional.conv2d(x, weight * scale[:, None, None, None], shift, *geometry)
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
     grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-    inputs = [x, weight, bias] if input_grad else [weight, bias]
+    inputs = [x, weight] if input_grad else [weight]
     got = torch.autograd.grad(out, inputs, grad)
     expected = torch.autograd.grad(ref, inputs, grad)
     for g, e in zip(got, expected, strict=True):
         assert g.shape == e.shape
         assert torch.allclose(g, e, rtol=0, atol=1e-10)
+    assert got[-1].stride() == weight.stride()  # taken by AccumulateGrad as it is
 
 
 def test_folded_training_takes_the_gemm_weight_gradient_where_it_pays(monkeypatch):
-    """In training, the trained 1x1 convolutions and the 3x3 ones with many weights per
-    output pixel take _Conv2dGemmWeightGrad; not without grad, nor under CPU autocast."""
+    """In training, the trained convolutions run as _FoldedConv2d: the 1x1 ones and the 3x3
+    ones with many weights per output pixel with their weight gradient as a GEMM, the others
+    by oneDNN; none without grad, nor under CPU autocast."""
     monkeypatch.setattr(backbone_module, "FOLD_MIN_MACS_PER_WEIGHT", 0)
-    taken: list[tuple[int, ...]] = []
-    real = backbone_module._Conv2dGemmWeightGrad.apply
+    taken: dict[tuple[int, ...], list[bool]] = {}
+    real = backbone_module._FoldedConv2d.apply
 
     def spy(x, weight, *args):
-        taken.append(tuple(weight.shape))
+        taken.setdefault(tuple(weight.shape), []).append(args[-1])
         return real(x, weight, *args)
 
-    monkeypatch.setattr(backbone_module._Conv2dGemmWeightGrad, "apply", spy)
+    monkeypatch.setattr(backbone_module._FoldedConv2d, "apply", spy)
     torch.manual_seed(0)
     backbone = _perturbed(tiny_config(backbone="resnet50")).train().backbone
     images = torch.randn(1, 3, 128, 128)
     backbone.run_body(images)
     trained = [m for m in backbone.body.modules()
                if isinstance(m, nn.Conv2d) and m.weight.requires_grad]
-    pointwise = [m for m in trained if m.kernel_size == (1, 1)]
+    assert sum(map(len, taken.values())) == len(trained)
+    pointwise = [gemm for shape, calls in taken.items() if shape[-1] == 1 for gemm in calls]
+    assert len(pointwise) == sum(m.kernel_size == (1, 1) for m in trained) and all(pointwise)
     # at 128x128 layer4's 3x3 kernels (2.4M weights) have 4x4 output pixels, above the
     # factor; layer2's (147k weights) have 16x16, under it
-    assert sum(k[-1] == 1 for k in taken) == len(pointwise)
-    assert (512, 512, 3, 3) in taken and (128, 128, 3, 3) not in taken
+    assert all(taken[(512, 512, 3, 3)]) and not any(taken[(128, 128, 3, 3)])
     taken.clear()
     with torch.no_grad():
         backbone.run_body(images)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         backbone.run_body(images)
-    assert taken == []
+    assert taken == {}
 
 
 @pytest.mark.skipif(not backbone_module.ONEDNN_FUSION, reason="needs oneDNN's fused kernels")

@@ -181,21 +181,31 @@ def fused_conv2d(x: Tensor, weight: Tensor, bias: Tensor, stride, padding, dilat
     return F.relu(y) if relu else y
 
 
+def _norm_affine(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """(scale, shift), per output channel, with norm(conv(x)) = conv(x) * scale + shift for the
+    (frozen or eval-mode) batch norm `norm`; differentiable in the norm's parameters."""
+    scale = (norm.running_var + norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = norm.weight * scale
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    return scale, shift
+
+
+def _scaled_kernel(weight: Tensor, scale: Tensor) -> Tensor:
+    """weight * scale per output channel, channels_last like the folded path's activations."""
+    return (weight * scale[:, None, None, None]).contiguous(memory_format=torch.channels_last)
+
+
 def _fold(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
     """(weight, bias) of the convolution equal to norm(conv(x)) with the (frozen or eval-mode)
     batch norm folded in, differentiable in the convolution and norm parameters. The weight is
     channels_last, like the activations of the folded path."""
-    scale = (norm.running_var + norm.eps).rsqrt()
-    if norm.weight is not None:
-        scale = norm.weight * scale
-    bias = -norm.running_mean * scale
-    if norm.bias is not None:
-        bias = bias + norm.bias
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    weight = (conv.weight * scale[:, None, None, None]).contiguous(
-        memory_format=torch.channels_last)
-    return weight, bias
+    scale, shift = _norm_affine(conv, norm)
+    return _scaled_kernel(conv.weight, scale), shift
 
 
 # In training on the CPU, oneDNN's kernel for a convolution's weight gradient is slow where
@@ -210,13 +220,9 @@ def _fold(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
 GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL = 1200
 
 
-def _gemm_weight_grad_pays(conv: nn.Conv2d, x: Tensor, weight: Tensor) -> bool:
-    """Whether `conv` (with `weight`, its folded weight) applied to `x` should compute its
-    weight gradient as a GEMM (`_Conv2dGemmWeightGrad`)."""
-    if (x.device.type != "cpu" or conv.groups != 1 or isinstance(conv.padding, str)
-            or torch.is_autocast_enabled("cpu")
-            or not (torch.is_grad_enabled() and weight.requires_grad)):
-        return False
+def _gemm_weight_grad_pays(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether `conv` applied to `x` in training on the CPU should compute its weight gradient
+    as a GEMM over the input's patches rather than by oneDNN."""
     if conv.kernel_size == (1, 1):
         return True
     n, _, h, w = x.shape
@@ -224,7 +230,7 @@ def _gemm_weight_grad_pays(conv: nn.Conv2d, x: Tensor, weight: Tensor) -> bool:
         (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
         for size, pad, dil, k, stride in zip(
             (h, w), conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True))
-    return weight.numel() >= GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL * n * out_h * out_w
+    return conv.weight.numel() >= GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL * n * out_h * out_w
 
 
 def _patches(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
@@ -241,49 +247,85 @@ def _patches(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
     return windows.permute(0, 1, 2, 4, 5, 3).reshape(-1, kh * kw * x.shape[1])
 
 
-class _Conv2dGemmWeightGrad(torch.autograd.Function):
-    """F.conv2d(x, weight, bias, stride, padding, dilation) (groups 1) whose backward computes
-    the weight gradient as one GEMM over the input's patches; the input gradient stays with
-    the convolution's own backward. Same gradients up to float rounding (order of the sums)."""
+class _FoldedConv2d(torch.autograd.Function):
+    """F.conv2d(x, weight * scale, shift, stride, padding, dilation) (groups 1), for a frozen
+    norm's per-output-channel `scale` and `shift` (constants: no gradient), in channels_last.
+
+    Only x and the weight parameter itself are kept for the backward pass: the scaled kernel
+    is rebuilt there where the input gradient needs it, so the step's peak memory holds no
+    copy of the trained kernels (~90 MB for R50), and every byte less of peak is a page the
+    step need not fault in again. The weight gradient is computed with respect to the scaled
+    kernel, as one GEMM over the input's patches (`gemm`, see
+    GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL) or by oneDNN, and scaled into the parameter's own
+    layout in the same pass. Same gradients as autograd through F.conv2d up to float rounding
+    (order of the sums)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
-                dilation) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.geometry = (tuple(stride), tuple(padding), tuple(dilation))
-        return F.conv2d(x, weight, bias, stride, padding, dilation)
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride, padding,
+                dilation, gemm: bool) -> Tensor:
+        ctx.save_for_backward(x, weight, scale)
+        ctx.geometry = (list(stride), list(padding), list(dilation))
+        ctx.gemm = gemm
+        return F.conv2d(x, _scaled_kernel(weight, scale), shift, stride, padding, dilation)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight, scale = ctx.saved_tensors
         stride, padding, dilation = ctx.geometry
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_x, need_weight = ctx.needs_input_grad[:2]
         grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_x = grad_weight = grad_bias = None
-        if need_x:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, list(stride), list(padding), list(dilation), False,
-                [0, 0], 1, [True, False, False])[0]
-        rows = grad.permute(0, 2, 3, 1).view(-1, grad.shape[1])  # [N*Ho*Wo, Cout], a view
+        onednn_weight = need_weight and not ctx.gemm
+        grad_x = grad_kernel = None
+        if need_x or onednn_weight:
+            # the weight gradient alone reads only the kernel's shape: no need to rebuild it
+            kernel = _scaled_kernel(weight, scale) if need_x else weight
+            grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
+                grad, x, kernel, None, stride, padding, dilation, False, [0, 0], 1,
+                [need_x, onednn_weight, False])
+        grad_weight = None
         if need_weight:
             cout, cin, kh, kw = weight.shape
-            patches = _patches(x, (kh, kw), stride, padding, dilation)
-            grad_weight = (rows.t() @ patches).view(cout, kh, kw, cin).permute(0, 3, 1, 2)
-        if need_bias:
-            grad_bias = rows.sum(0)
-        return grad_x, grad_weight, grad_bias, None, None, None
+            if ctx.gemm:
+                rows = grad.permute(0, 2, 3, 1).view(-1, cout)  # [N*Ho*Wo, Cout], a view
+                grad_kernel = rows.t() @ _patches(x, (kh, kw), stride, padding, dilation)
+                if (kh, kw) == (1, 1):  # [Cout, Cin]: the parameter's layout already
+                    grad_weight = grad_kernel.mul_(scale[:, None]).view(weight.shape)
+                else:
+                    grad_kernel = grad_kernel.view(cout, kh, kw, cin).permute(0, 3, 1, 2)
+            if grad_weight is None:
+                # d(loss)/d(weight) = d(loss)/d(kernel) * scale, in the parameter's layout
+                grad_weight = torch.mul(grad_kernel, scale[:, None, None, None],
+                                        out=torch.empty_like(weight))
+        return grad_x, grad_weight, None, None, None, None, None, None
+
+
+def _folds_in_backward(conv: nn.Conv2d, x: Tensor, scale: Tensor, shift: Tensor) -> bool:
+    """Whether `_conv_norm_act` runs `conv` as `_FoldedConv2d`: recorded by autograd, on the
+    CPU (where it was measured), not under autocast (which casts F.conv2d), groups 1, and a norm
+    with nothing to train."""
+    return (
+        torch.is_grad_enabled()
+        and (x.requires_grad or conv.weight.requires_grad)
+        and x.device.type == "cpu"
+        and not torch.is_autocast_enabled("cpu")
+        and conv.groups == 1
+        and not isinstance(conv.padding, str)
+        and not (scale.requires_grad or shift.requires_grad)
+    )
 
 
 def _conv_norm_act(conv: nn.Conv2d, norm: nn.Module, x: Tensor, relu: bool,
                    shortcut: Tensor | None = None) -> Tensor:
     """relu?(norm(conv(x)) + shortcut?) as one convolution with the norm folded in, recorded by
     autograd; the sum and the ReLU in place on the convolution's output."""
-    weight, bias = _fold(conv, norm)
-    if _gemm_weight_grad_pays(conv, x, weight):
-        y = _Conv2dGemmWeightGrad.apply(x, weight, bias, conv.stride, conv.padding, conv.dilation)
+    scale, shift = _norm_affine(conv, norm)
+    if _folds_in_backward(conv, x, scale, shift):
+        y = _FoldedConv2d.apply(x, conv.weight, scale, shift, conv.stride, conv.padding,
+                                conv.dilation, _gemm_weight_grad_pays(conv, x))
     else:
-        y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        y = F.conv2d(x, _scaled_kernel(conv.weight, scale), shift, conv.stride, conv.padding,
+                     conv.dilation, conv.groups)
     if shortcut is not None:
         y = y.add_(shortcut)
     return y.relu_() if relu else y
