@@ -264,10 +264,11 @@ def test_folded_path_without_onednn_kernels_and_under_autocast(monkeypatch):
     [(1, 1, 0, 1), (1, 2, 0, 1), (1, 1, 1, 1), (3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2),
      (7, 2, 3, 1)],
     ids=["1x1", "1x1-s2", "1x1-padded", "3x3", "3x3-s2", "3x3-dilated", "7x7-s2"])
-@pytest.mark.parametrize("input_grad", [True, False], ids=["x-grad", "no-x-grad"])
+@pytest.mark.parametrize(("input_grad", "weight_grad"), [(True, True), (False, True), (True, False)],
+                         ids=["x-and-weight-grad", "weight-grad", "x-grad"])
 @pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "onednn"])
 def test_folded_convolution_equals_the_convolution_of_the_scaled_kernel(
-        kernel, stride, padding, dilation, input_grad, gemm):
+        kernel, stride, padding, dilation, input_grad, weight_grad, gemm):
     """_FoldedConv2d: the output of F.conv2d with the kernel scaled per output channel, and
     autograd's gradients through it for the input and the weight parameter, the weight's
     gradient in the parameter's own layout; its weight gradient as a GEMM over the patches
@@ -277,7 +278,7 @@ def test_folded_convolution_equals_the_convolution_of_the_scaled_kernel(
     x = torch.randn(2, 5, 11, 9, generator=gen, dtype=torch.float64)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_(input_grad)
     weight = torch.randn(4, 5, kernel, kernel, generator=gen, dtype=torch.float64,
-                         requires_grad=True)
+                         requires_grad=weight_grad)
     scale = torch.rand(4, generator=gen, dtype=torch.float64) + 0.5
     shift = torch.randn(4, generator=gen, dtype=torch.float64)
     geometry = ((stride, stride), (padding, padding), (dilation, dilation))
@@ -285,13 +286,14 @@ def test_folded_convolution_equals_the_convolution_of_the_scaled_kernel(
     ref = torch.nn.functional.conv2d(x, weight * scale[:, None, None, None], shift, *geometry)
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
     grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-    inputs = [x, weight] if input_grad else [weight]
+    inputs = [t for t in (x, weight) if t.requires_grad]
     got = torch.autograd.grad(out, inputs, grad)
     expected = torch.autograd.grad(ref, inputs, grad)
     for g, e in zip(got, expected, strict=True):
         assert g.shape == e.shape
         assert torch.allclose(g, e, rtol=0, atol=1e-10)
-    assert got[-1].stride() == weight.stride()  # taken by AccumulateGrad as it is
+    if weight_grad:
+        assert got[-1].stride() == weight.stride()  # taken by AccumulateGrad as it is
 
 
 def test_folded_training_takes_the_gemm_weight_gradient_where_it_pays(monkeypatch):

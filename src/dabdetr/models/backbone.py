@@ -53,11 +53,11 @@ def _foldable(body: nn.Module) -> bool:
 
 
 # On the CPU the backbone folds its frozen norms, in channels_last memory (oneDNN's native
-# layout), only where that pays. The folded weights are rebuilt on every call (and kept for the
-# backward pass in training), and their 3x3 kernels are transposed to channels_last (in training
-# their gradients are transposed back as well): a cost set by the weights. What folding and
-# channels_last save (passes over the feature maps, layout conversions) grows with the
-# convolution work, set by the pixels. The backbone folds when (multiply-adds of the call) >=
+# layout), only where that pays. The folded weights are rebuilt on every call (in training again
+# in the backward pass, see _FoldedConv2d), and their 3x3 kernels are transposed to channels_last
+# (in training their gradients are transposed back as well): a cost set by the weights. What
+# folding and channels_last save (passes over the feature maps, layout conversions) grows with
+# the convolution work, set by the pixels. The backbone folds when (multiply-adds of the call) >=
 # this factor x (elements of the non-1x1 kernels), x FOLD_TRAINING_FACTOR when autograd reaches
 # the weights; below that its own modules run as they are, in the default layout. Measured on a
 # 2-core Xeon (benchmarks/RESULTS.md, sessions 5, 7 and 9; time of the modules / time folded):
@@ -434,7 +434,8 @@ class Backbone(nn.Module):
         the backbone's training step on CPU. On CPUs the units autograd need not record (every
         unit without grad; in training the frozen stem and layer1) run as oneDNN kernels that
         also apply the ReLU and add the residual in place (not under CPU autocast, which casts
-        F.conv2d). In training on CPUs, the trained convolutions with many weights for their
+        F.conv2d). In training on CPUs, the trained convolutions run as `_FoldedConv2d`, which
+        keeps no folded kernel for the backward pass, and those with many weights for their
         output pixels (every 1x1, and layer4's 3x3 at the recipe's sizes) compute their weight
         gradient as a GEMM (see GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL). Smaller inputs, where
         rebuilding and transposing the folded weights costs more than that, run the body's
