@@ -66,7 +66,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     with open(tmp_path / "evil.pth", "wb") as f:
-        pickle.dump({"model": {}, "args": Evil()}, f)
+        pickle.dump({"model": {}, "args": Evil()}, f, protocol=2)  # torch.save's protocol
     with pytest.raises(ValueError, match="refused.*system"):
         dabdetr.load_model(tmp_path / "evil.pth")
     assert not marker.exists()
@@ -123,7 +123,8 @@ def test_hub_id_offline_error_says_how_to_use_a_local_path(monkeypatch):
 def test_hub_id_downloads_through_huggingface_hub(tmp_path, monkeypatch):
     """The hub path: snapshot_download is called with the id; its directory is then read."""
     model = DabDetr(tiny_config()).eval()
-    dabdetr.export_huggingface(model, tmp_path / "snap")
+    with pytest.warns(UserWarning, match="inverse_sigmoid eps 1e-5"):
+        dabdetr.export_huggingface(model, tmp_path / "snap")
     calls = []
 
     def fake_snapshot_download(repo_id, allow_patterns):
@@ -144,7 +145,8 @@ def test_cli_convert_official_to_ours_and_hf(golden_dir, tmp_path, capsys):
     assert main(["convert", str(golden_dir / "checkpoint.pth"), str(tmp_path / "ours")]) == 0
     out = capsys.readouterr().out
     assert "key report" in out and "loaded" in out
-    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    with pytest.warns(UserWarning, match="inverse_sigmoid eps 1e-5"):
+        assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 0
     a = dabdetr.load_model(golden_dir / "checkpoint.pth")
     b = dabdetr.load_model(tmp_path / "hf", inverse_sigmoid_eps=1e-3)
     x = torch.randn(1, 3, 96, 96)
@@ -176,7 +178,8 @@ def test_hf_keys_without_timm_wrapper_load(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = DabDetr(tiny_config()).eval()
-    dabdetr.export_huggingface(model, tmp_path / "hf")
+    with pytest.warns(UserWarning, match="inverse_sigmoid eps 1e-5"):
+        dabdetr.export_huggingface(model, tmp_path / "hf")
     state = load_file(str(tmp_path / "hf" / "model.safetensors"))
     renamed = {k.replace("conv_encoder.model._backbone.", "conv_encoder.model."): v
                for k, v in state.items()}
