@@ -437,8 +437,8 @@ def test_fold_cost_model_counts_what_the_flop_counter_counts(name, dilation):
 
 def test_fold_choice():
     """Folded in channels_last for large inputs; the modules as they are where rebuilding and
-    transposing the folded weights would cost more than folding saves (small images; more so
-    in training)."""
+    transposing the folded weights would cost more than folding saves (small images), in
+    inference and training alike."""
     r50 = backbone_module.Backbone("resnet50")
     r18 = backbone_module.Backbone("resnet18")
 
@@ -451,9 +451,10 @@ def test_fold_choice():
         assert not pays(r50.body, torch.empty(1, 3, 192, 192))
         assert not pays(r18.body, torch.empty(1, 3, 128, 160))
     assert pays(r50.body, torch.empty(2, 3, 512, 512))  # training: its layers 2-4 are trained
-    assert pays(r50.body, torch.empty(2, 3, 256, 256))
-    assert not pays(r50.body, torch.empty(2, 3, 224, 224))
-    assert not pays(r18.body, torch.empty(2, 3, 256, 256))
+    assert pays(r50.body, torch.empty(2, 3, 224, 224))
+    assert pays(r18.body, torch.empty(2, 3, 256, 256))
+    assert not pays(r50.body, torch.empty(2, 3, 160, 160))
+    assert not pays(r18.body, torch.empty(2, 3, 160, 160))
     # measured on CPUs only: other devices always fold
     assert pays(r18.body, torch.empty(1, 3, 128, 160, device="meta"))
 

@@ -58,18 +58,17 @@ def _foldable(body: nn.Module) -> bool:
 # (in training their gradients are transposed back as well): a cost set by the weights. What
 # folding and channels_last save (passes over the feature maps, layout conversions) grows with
 # the convolution work, set by the pixels. The backbone folds when (multiply-adds of the call) >=
-# this factor x (elements of the non-1x1 kernels), x FOLD_TRAINING_FACTOR when autograd reaches
-# the weights; below that its own modules run as they are, in the default layout. Measured on a
-# 2-core Xeon (benchmarks/RESULTS.md, sessions 5, 7 and 9; time of the modules / time folded):
-# inference of R18 at 128x160, 256x256 and R50 at 192x192 0.73x-0.94x, of R50 at 256x256 and
-# 384x384 and R18 at 384x384 1.01x-1.22x. Training (batch 2) since session 9's faster folded
-# backward (fused frozen units, GEMM weight gradients): R50 at 160x160 0.99x, R18 at 256x256
-# and 384x384 1.00x and 0.99x, R50 at 224x224 1.02x, at 256x256 1.02x-1.08x, at 288x288 1.06x
-# (sessions 5 and 7, before: R50 at 320x320 and 384x384 1.13x-1.27x). These factors put each
-# on its faster side, or within 1% of it. Other devices always fold, in channels_last (not
-# measured there).
+# this factor x (elements of the non-1x1 kernels); below that its own modules run as they are, in
+# the default layout. Measured on a 2-core Xeon (benchmarks/RESULTS.md, sessions 5, 7, 9 and 10;
+# time of the modules / time folded, paired): inference of R18 at 128x160, 256x256 and R50 at
+# 192x192 0.73x-0.94x, of R50 at 256x256 and 384x384 and R18 at 384x384 1.01x-1.22x. Training
+# (batch 2), since session 10's folded backward (which keeps no folded kernels): R18 at 128x128
+# and 160x160, R50 at 128x128 0.94x-0.96x (108-236 multiply-adds per kernel element); R50 at
+# 160x160 and 192x192, R18 at 256x256 and 320x320 1.00x-1.02x (368-673); R50 at 224x224 1.07x
+# (722). One factor puts each case on its faster side, or within 1% of it, in inference and
+# training alike (it was 3x, then 2x, higher in training before session 10). Other devices
+# always fold, in channels_last (not measured there).
 FOLD_MIN_MACS_PER_WEIGHT = 400
-FOLD_TRAINING_FACTOR = 2
 
 
 def _cost_model(body: nn.Module) -> tuple[float, int]:
@@ -104,9 +103,7 @@ def _folding_pays(body: nn.Module, images: Tensor, cost: tuple[float, int]) -> b
         return True  # measured on CPUs only: other devices always fold
     b, _, h, w = images.shape
     macs_per_pixel, kernels = cost
-    trained = torch.is_grad_enabled() and any(p.requires_grad for p in body.parameters())
-    return b * h * w * macs_per_pixel >= (
-        FOLD_MIN_MACS_PER_WEIGHT * kernels * (FOLD_TRAINING_FACTOR if trained else 1))
+    return b * h * w * macs_per_pixel >= FOLD_MIN_MACS_PER_WEIGHT * kernels
 
 
 def _onednn_fusion_available() -> bool:
