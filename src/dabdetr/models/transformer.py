@@ -48,6 +48,17 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def _prelu_grads(grad: Tensor, x: Tensor, slope: float, need_x: bool, need_slope: bool
+                 ) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of prelu(x) with one `slope` for the output gradient `grad`: for x (grad where
+    x > 0, grad * slope elsewhere) and for the slope's one element (sum of grad * x where
+    x <= 0); None where not needed."""
+    grad_x = torch.ops.aten.leaky_relu_backward(grad, x, slope, False) if need_x else None
+    grad_slope = (torch.dot(grad.reshape(-1), x.clamp(max=0).reshape(-1)).reshape(1)
+                  if need_slope else None)
+    return grad_x, grad_slope
+
+
 class _ScalarPReLU(torch.autograd.Function):
     """prelu(x, slope) for a one-element slope, as a leaky ReLU with the slope read once."""
 
@@ -61,12 +72,7 @@ class _ScalarPReLU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
-        grad_x = grad_slope = None
-        if ctx.needs_input_grad[0]:  # grad where x > 0, grad * slope elsewhere
-            grad_x = torch.ops.aten.leaky_relu_backward(grad, x, ctx.slope, False)
-        if ctx.needs_input_grad[1]:  # sum of grad * x where x <= 0: the slope's one element
-            grad_slope = torch.dot(grad.reshape(-1), x.clamp(max=0).reshape(-1)).reshape(1)
-        return grad_x, grad_slope
+        return _prelu_grads(grad, x, ctx.slope, *ctx.needs_input_grad)
 
 
 class PReLU(nn.PReLU):
@@ -108,20 +114,15 @@ class _PReLULinear(torch.autograd.Function):
         hidden, weight = ctx.saved_tensors
         need_hidden, need_slope, need_weight, need_bias = ctx.needs_input_grad
         rows = grad.reshape(-1, grad.shape[-1])  # [tokens, out]
-        hidden_rows = hidden.reshape(-1, hidden.shape[-1])  # [tokens, dim_feedforward]
         grad_hidden = grad_slope = grad_weight = grad_bias = None
-        if need_weight:
-            grad_weight = rows.t() @ F.leaky_relu(hidden_rows, ctx.slope)
+        if need_weight:  # [tokens, dim_feedforward] activation, rebuilt
+            grad_weight = rows.t() @ F.leaky_relu(hidden.reshape(-1, hidden.shape[-1]), ctx.slope)
         if need_bias:
             grad_bias = rows.sum(0)
         if need_hidden or need_slope:
-            grad_act = rows @ weight
-            if need_hidden:
-                grad_hidden = torch.ops.aten.leaky_relu_backward(
-                    grad_act, hidden_rows, ctx.slope, False).view(hidden.shape)
-            if need_slope:
-                grad_slope = torch.dot(grad_act.view(-1), hidden_rows.clamp(max=0).view(-1))
-                grad_slope = grad_slope.reshape(1)
+            grad_act = (rows @ weight).view(hidden.shape)
+            grad_hidden, grad_slope = _prelu_grads(grad_act, hidden, ctx.slope, need_hidden,
+                                                   need_slope)
         return grad_hidden, grad_slope, grad_weight, grad_bias
 
 
