@@ -190,8 +190,8 @@ def keep_freed_memory() -> bool:
     page by page: 57k-98k faults (~230-400 MB, varying between processes) per DAB-DETR-R50
     step at batch 2, 512x512. Kept instead (never trimmed, mmap only above 1 GiB), the same
     steps fault a few pages and run ~5% faster; the process's resident memory stays at its
-    peak between steps. The `dabdetr`
-    command calls this; a no-op on other C libraries and with DABDETR_KEEP_FREED_MEMORY=0.
+    peak between steps. The `dabdetr` command calls this; a no-op on other C libraries and
+    with DABDETR_KEEP_FREED_MEMORY=0.
     """
     if (os.environ.get("DABDETR_KEEP_FREED_MEMORY", "1") == "0"
             or platform.libc_ver()[0] != "glibc"):  # others' mallopt differs or is absent

@@ -302,8 +302,7 @@ def _folds_in_backward(conv: nn.Conv2d, x: Tensor, scale: Tensor, shift: Tensor)
     CPU (where it was measured), not under autocast (which casts F.conv2d), groups 1, and a norm
     with nothing to train."""
     return (
-        torch.is_grad_enabled()
-        and (x.requires_grad or conv.weight.requires_grad)
+        _records_grad(x, conv)
         and x.device.type == "cpu"
         and not torch.is_autocast_enabled("cpu")
         and conv.groups == 1
