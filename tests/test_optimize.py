@@ -443,7 +443,7 @@ def test_fold_choice():
     r18 = backbone_module.Backbone("resnet18")
 
     def pays(body, images):
-        return backbone_module._folding_pays(body, images, backbone_module._cost_model(body))
+        return backbone_module._folding_pays(images, backbone_module._cost_model(body))
     with torch.no_grad():
         assert pays(r50.body, torch.empty(1, 3, 800, 1088))
         assert pays(r50.body, torch.empty(1, 3, 384, 384))
@@ -466,8 +466,7 @@ def test_small_inputs_run_the_modules_as_they_are():
     model = _perturbed(tiny_config()).train()
     backbone = model.backbone
     images = torch.randn(2, 3, 64, 64)
-    assert not backbone_module._folding_pays(backbone.body, images,
-                                             backbone_module._cost_model(backbone.body))
+    assert not backbone_module._folding_pays(images, backbone_module._cost_model(backbone.body))
     saved = []
 
     def pack(t):

@@ -96,9 +96,9 @@ def _cost_model(body: nn.Module) -> tuple[float, int]:
     return macs, kernels
 
 
-def _folding_pays(body: nn.Module, images: Tensor, cost: tuple[float, int]) -> bool:
-    """Whether `body` should run `images` folded in channels_last memory (else its modules as
-    they are); `cost` is `_cost_model(body)`."""
+def _folding_pays(images: Tensor, cost: tuple[float, int]) -> bool:
+    """Whether a body whose `_cost_model` is `cost` should run `images` folded in channels_last
+    memory (else its modules as they are)."""
     if images.device.type != "cpu":
         return True  # measured on CPUs only: other devices always fold
     b, _, h, w = images.shape
@@ -447,7 +447,7 @@ class Backbone(nn.Module):
             # counted once (~0.4 ms): it steers how the body runs, never the result beyond
             # rounding
             self._fold_cost = _cost_model(body)
-        if not _folding_pays(body, images, self._fold_cost):
+        if not _folding_pays(images, self._fold_cost):
             return body(images.contiguous())
         x = images.contiguous(memory_format=torch.channels_last)
         fuse = ONEDNN_FUSION and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
