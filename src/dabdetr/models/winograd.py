@@ -1,0 +1,204 @@
+"""3x3 convolutions by Winograd's minimal filtering (Lavin & Gray, arXiv 1509.09308), for the
+backbone's trained convolutions in a CPU training step.
+
+A stride-1 3x3 convolution computes each m x m block of its output from a (m+2) x (m+2) tile of
+its input. F(m x m, 3 x 3) does that with (m+2)^2 products per input/output channel pair
+instead of 9 m^2: with input tiles d and kernels g,
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A          (* elementwise over the (m+2)^2 tile points)
+
+summed over input channels, so for all tiles and channel pairs at once it is (m+2)^2 batched
+GEMMs, [tiles, C_in] x [C_in, C_out], between cheap linear transforms of the inputs, kernels
+and outputs. F(2x2) does 4/9 of the direct multiplications (2.25x fewer), F(4x4) 1/4 (4x
+fewer), and the same holds for the two backward products, which are the transposed GEMMs of
+the same transforms. Each transform is here one small matrix product with the Kronecker square
+of B^T, G or A^T over every tile at once.
+
+The price is accuracy: F(4x4)'s points (0, +-1, +-2, inf) make its float32 results less exact
+than a direct convolution's (at 128 channels, relative to the largest value against float64:
+4e-6 to 7e-6 for the output and both gradients, against 2e-7 to 1.2e-6 for oneDNN's direct
+kernels; tests/test_winograd.py); F(2x2) is as exact as a direct one (4e-7 to 5e-7). Both stay
+far inside the 1e-4 the training step is held to. Inference never takes this path: it keeps
+oneDNN's kernels, whose outputs the parity tests pin.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Lavin & Gray's transforms, exact in binary floating point except G's sixths for F(4x4).
+_B_T = {
+    2: [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+    4: [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+}
+_G = {
+    2: [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+    4: [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+}
+_A_T = {
+    2: [[1, 1, 1, 0], [0, 1, -1, -1]],
+    4: [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+}
+_TRANSFORMS: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _transforms(m: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(B^T (x) B^T [t^2, t^2], G (x) G [t^2, 9], A^T (x) A^T [m^2, t^2]) for F(m x m, 3 x 3),
+    t = m + 2, in `like`'s dtype and device: each applies its 2-D transform to tiles flattened
+    row-major. Built in float64 once per (m, dtype, device)."""
+    key = (m, like.dtype, like.device)
+    if key not in _TRANSFORMS:
+        mats = (torch.tensor(a[m], dtype=torch.float64) for a in (_B_T, _G, _A_T))
+        _TRANSFORMS[key] = tuple(torch.kron(a, a).to(like) for a in mats)  # type: ignore[assignment]
+    return _TRANSFORMS[key]
+
+
+def _tiles_shape(x: Tensor, m: int) -> tuple[int, int, int]:
+    """(tile rows, tile columns, tiles) covering x [N, C, H, W] with m x m output blocks."""
+    n, _, h, w = x.shape
+    th, tw = -(-h // m), -(-w // m)
+    return th, tw, n * th * tw
+
+
+def _input_transform(x: Tensor, m: int) -> Tensor:
+    """B^T d B for every (m+2)^2 input tile d of x [N, C, H, W] zero-padded by 1 (and up to a
+    whole number of blocks): [t^2, tiles, C], tiles in (n, tile row, tile column) order."""
+    b_t = _transforms(m, x)[0]
+    t = m + 2
+    n, c, h, w = x.shape
+    th, tw, tiles = _tiles_shape(x, m)
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + tw * m - w, 1, 1 + th * m - h))
+    d = padded.unfold(1, t, m).unfold(2, t, m)  # (N, th, tw, C, t, t), overlapping windows
+    d = d.permute(4, 5, 0, 1, 2, 3).reshape(t * t, tiles * c)  # one copy
+    return (b_t @ d).view(t * t, tiles, c)
+
+
+def _kernel_transform(weight: Tensor, m: int) -> Tensor:
+    """G g G^T for every kernel g of weight [K, C, 3, 3]: [t^2, K, C]."""
+    g = _transforms(m, weight)[1]
+    k, c = weight.shape[:2]
+    return (g @ weight.reshape(k * c, 9).t()).view(g.shape[0], k, c)
+
+
+class _WinogradConv3x3(torch.autograd.Function):
+    """F.conv2d(x, weight * scale, shift, padding=1) for a 3x3 weight [K, C, 3, 3], stride and
+    dilation 1, groups 1, and per-output-channel constants `scale` and `shift` [K] (a frozen
+    norm folded in; no gradient), computed as F(m x m, 3 x 3). Returns [N, K, H, W],
+    channels_last.
+
+    Keeps only x and the weight for backward, like `_FoldedConv2d`: the kernel and input
+    transforms are recomputed there (each a small fraction of the GEMMs), so the step's peak
+    holds none of the transformed tensors (2.25x-4x the input or the weight)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, m: int) -> Tensor:
+        ctx.save_for_backward(x, weight, scale)
+        ctx.m = m
+        a_t = _transforms(m, x)[2]
+        n, _, h, w = x.shape
+        k = weight.shape[0]
+        th, tw, tiles = _tiles_shape(x, m)
+        products = torch.bmm(_input_transform(x, m),
+                             _kernel_transform(weight, m).transpose(1, 2))  # (t^2, tiles, K)
+        blocks = (a_t @ products.view(-1, tiles * k)).view(m, m, n, th, tw, k)
+        out = x.new_empty(n, th * m, tw * m, k)  # NHWC
+        out.view(n, th, m, tw, m, k).copy_(blocks.permute(2, 3, 0, 4, 1, 5))
+        y = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device,
+                        memory_format=torch.channels_last)  # not a view: callers work in place
+        torch.addcmul(shift, out[:, :h, :w], scale, out=y.permute(0, 2, 3, 1))
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight, scale = ctx.saved_tensors
+        m = ctx.m
+        t = m + 2
+        b_t, g, a_t = _transforms(m, x)
+        n, c, h, w = x.shape
+        k = weight.shape[0]
+        th, tw, tiles = _tiles_shape(x, m)
+        # the output transform's adjoint: A (x) A on each m x m block of the output gradient
+        grad = grad.permute(0, 2, 3, 1) * scale  # (N, H, W, K): gradient of the unscaled conv
+        grad = F.pad(grad, (0, 0, 0, tw * m - w, 0, th * m - h))
+        blocks = grad.view(n, th, m, tw, m, k).permute(2, 4, 0, 1, 3, 5).reshape(m * m, -1)
+        grad_products = (a_t.t() @ blocks).view(t * t, tiles, k)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_tiles = torch.bmm(grad_products, _kernel_transform(weight, m))  # (t^2, tiles, C)
+            grad_tiles = (b_t.t() @ grad_tiles.view(t * t, -1)).view(t, t, n, th, tw, c)
+            grad_x = _overlap_add(grad_tiles, m, h, w)
+        if ctx.needs_input_grad[1]:
+            grad_kernels = torch.bmm(grad_products.transpose(1, 2),
+                                     _input_transform(x, m))  # (t^2, K, C)
+            grad_weight = torch.mm(grad_kernels.view(t * t, -1).t(), g).view(weight.shape)
+        return grad_x, grad_weight, None, None, None
+
+
+def _overlap_add(grad_tiles: Tensor, m: int, h: int, w: int) -> Tensor:
+    """The input gradient from the gradients of the overlapping input tiles: grad_tiles
+    [t, t, N, th, tw, C], tile (i, j) covering padded rows i*m .. i*m+m+1 and the same columns.
+    Returns [N, C, h, w] channels_last (the 1-pixel padding dropped)."""
+    _, _, n, th, tw, c = grad_tiles.shape
+
+    def part(rows: slice, cols: slice) -> Tensor:  # (N, th, rows, tw, cols, C)
+        return grad_tiles[rows, cols].permute(2, 3, 0, 4, 1, 5)
+
+    # (th + 1) x (tw + 1) blocks of m x m: tile (i, j)'s first m rows/columns fall in block
+    # (i, j), its last two in the first two of block (i + 1, j + 1)
+    out = grad_tiles.new_empty(n, th + 1, m, tw + 1, m, c)
+    head, tail = slice(None, m), slice(m, None)
+    out[:, :th, :, :tw] = part(head, head)
+    out[:, th:].zero_()
+    out[:, :th, :, tw:].zero_()
+    out[:, :th, :, 1:, :2] += part(head, tail)
+    out[:, 1:, :2, :tw] += part(tail, head)
+    out[:, 1:, :2, 1:, :2] += part(tail, tail)
+    out = out.view(n, (th + 1) * m, (tw + 1) * m, c)[:, 1 : h + 1, 1 : w + 1]
+    return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
+# Where F(m x m) beats oneDNN's direct kernels in a training step (forward, input and weight
+# gradients), measured on a 2-core Xeon (benchmarks/RESULTS.md, session 14; paired speed-ups
+# over `_FoldedConv2d`, square inputs). The input and output transforms cost per tile and
+# channel and the GEMMs per tile and channel pair, so it pays only with enough channels: 64
+# channels ran at 0.3x-0.9x with either block; 128 channels at 1.26x-1.4x with F(4x4) but
+# 1.0x-1.06x with F(2x2); 256 channels at 1.6x-1.9x with F(4x4) and 1.4x with F(2x2); 512
+# channels at 1.45x-1.65x with F(2x2). The kernel transform costs per channel pair alone,
+# (m+2)^2 of them, so the larger block needs enough tiles to amortize it: with 32 tiles F(4x4)
+# ran at 0.65x (512 channels) where F(2x2) gave 1.65x; from 64 tiles on F(4x4) was at least as
+# fast as F(2x2). Block size -> (least channels, least tiles), in order of preference:
+WINOGRAD_MIN_SIZES = {4: (128, 64), 2: (256, 32)}
+
+
+def winograd_tile(conv: nn.Conv2d, x: Tensor) -> int:
+    """The block size m (4 or 2) to compute `conv` on x [N, C, H, W] as F(m x m, 3 x 3) in a
+    CPU training step, or 0 where the direct convolution is used: not a stride-1, padding-1
+    3x3 convolution, too few channels or tiles (WINOGRAD_MIN_SIZES), or not float32 on the
+    CPU."""
+    if not (
+        conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.dilation == (1, 1)
+        and conv.padding == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+        and x.device.type == "cpu" and x.dtype == torch.float32
+    ):
+        return 0
+    channels = min(conv.in_channels, conv.out_channels)
+    for m, (min_channels, min_tiles) in WINOGRAD_MIN_SIZES.items():
+        if channels >= min_channels and _tiles_shape(x, m)[2] >= min_tiles:
+            return m
+    return 0
+
+
+def winograd_conv3x3(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, m: int) -> Tensor:
+    """conv2d(x, weight * scale[:, None, None, None], shift, padding=1) as F(m x m, 3 x 3),
+    m in (2, 4): x [N, C, H, W], weight [K, C, 3, 3], scale and shift [K] constants. Returns
+    [N, K, H, W] channels_last; differentiable in x and weight."""
+    if m not in (2, 4):
+        raise ValueError(f"Winograd block size must be 2 or 4, got {m}")
+    if weight.shape[1:] != (x.shape[1], 3, 3):
+        raise ValueError(f"expected a [K, {x.shape[1]}, 3, 3] weight, got {list(weight.shape)}")
+    return _WinogradConv3x3.apply(x, weight, scale, shift, m)
