@@ -105,11 +105,14 @@ class _WinogradConv3x3(torch.autograd.Function):
         products = torch.bmm(_input_transform(x, m),
                              _kernel_transform(weight, m).transpose(1, 2))  # (t^2, tiles, K)
         blocks = (a_t @ products.view(-1, tiles * k)).view(m, m, n, th, tw, k)
-        out = x.new_empty(n, th * m, tw * m, k)  # NHWC
-        out.view(n, th, m, tw, m, k).copy_(blocks.permute(2, 3, 0, 4, 1, 5))
+        blocks = blocks.permute(2, 3, 0, 4, 1, 5)  # (N, th, m, tw, m, K)
         y = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device,
                         memory_format=torch.channels_last)  # not a view: callers work in place
-        torch.addcmul(shift, out[:, :h, :w], scale, out=y.permute(0, 2, 3, 1))
+        if (th * m, tw * m) == (h, w):  # whole blocks: scaled straight into the output
+            torch.addcmul(shift, blocks, scale, out=y.permute(0, 2, 3, 1).view(blocks.shape))
+        else:
+            whole = blocks.reshape(n, th * m, tw * m, k)
+            torch.addcmul(shift, whole[:, :h, :w], scale, out=y.permute(0, 2, 3, 1))
         return y
 
     @staticmethod
@@ -123,9 +126,12 @@ class _WinogradConv3x3(torch.autograd.Function):
         k = weight.shape[0]
         th, tw, tiles = _tiles_shape(x, m)
         # the output transform's adjoint: A (x) A on each m x m block of the output gradient
-        grad = grad.permute(0, 2, 3, 1) * scale  # (N, H, W, K): gradient of the unscaled conv
-        grad = F.pad(grad, (0, 0, 0, tw * m - w, 0, th * m - h))
-        blocks = grad.view(n, th, m, tw, m, k).permute(2, 4, 0, 1, 3, 5).reshape(m * m, -1)
+        grad = grad.permute(0, 2, 3, 1)  # (N, H, W, K)
+        if (th * m, tw * m) != (h, w):
+            grad = F.pad(grad, (0, 0, 0, tw * m - w, 0, th * m - h))
+        blocks = grad.reshape(n, th, m, tw, m, k).permute(2, 4, 0, 1, 3, 5)
+        # scaled (the gradient of the unscaled convolution) and laid out block point first
+        blocks = torch.mul(blocks, scale, out=grad.new_empty(blocks.shape)).view(m * m, -1)
         grad_products = (a_t.t() @ blocks).view(t * t, tiles, k)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
