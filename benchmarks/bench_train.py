@@ -20,6 +20,7 @@ warm-up step, which creates the optimizer state).
     python benchmarks/bench_train.py --device cuda --amp   # bf16 autocast
     python benchmarks/bench_train.py --authors-repo ../DAB-DETR  # + the authors' code
     python benchmarks/bench_train.py --keep-freed-memory   # malloc as the dabdetr command
+    python benchmarks/bench_train.py --ours-winograd off   # ours without Winograd convolutions
     python benchmarks/bench_train.py --tiny                # CI smoke test
 """
 
@@ -171,9 +172,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--authors-fused-adamw", action="store_true",
                         help="give the authors' side torch's fused AdamW (default: the plain "
                              "torch.optim.AdamW of their main.py)")
+    parser.add_argument("--ours-winograd", choices=["auto", "off"], default="auto",
+                        help="off: our backbone computes every 3x3 convolution directly, not "
+                             "as Winograd's F(4x4)/F(2x2) where the library would (see "
+                             "dabdetr.models.winograd and benchmarks/bench_winograd.py)")
     _common.add_child_arguments(parser, tiny_size="128x128")
     args = parser.parse_args(argv)
     backbone_args = _common.apply_ours_backbone(args.ours_backbone)
+    if args.ours_winograd == "off":
+        from dabdetr.models import winograd
+
+        winograd.WINOGRAD_RULES = ()
+    backbone_args += ["--ours-winograd", args.ours_winograd]
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.size or ((128, 128) if args.tiny else (512, 512))
@@ -196,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {name} training step, batch {args.batch} at {size[0]}x{size[1]}, {precision}, "
           f"{device}")
     print(f"# {_common.machine_info(device)}")
+    print(f"# ours: Winograd 3x3 convolutions {args.ours_winograd}")
     # the host's state before and after the timed steps: on a shared machine the same code's
     # times move with its neighbours' load, and this says how fast the machine was meanwhile
     peak_before = _common.matmul_peak_gflops(device)

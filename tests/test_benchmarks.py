@@ -14,7 +14,8 @@ import pytest
 pytest.importorskip("transformers")
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ("bench_inference.py", "bench_train.py", "bench_matcher.py")
+SCRIPTS = ("bench_inference.py", "bench_train.py", "bench_matcher.py", "bench_winograd.py")
+NO_MEMORY_OPTION = ("bench_matcher.py", "bench_winograd.py")
 RATIO = re.compile(r"^ratio .*\d+(\.\d+)?x", re.MULTILINE)
 
 
@@ -27,7 +28,7 @@ def _run_all(extra: list[str]) -> dict[str, subprocess.CompletedProcess]:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
         for script in SCRIPTS
-        if script != "bench_matcher.py" or not extra
+        if script not in NO_MEMORY_OPTION or not extra
     }
     done = {}
     for script, proc in procs.items():
@@ -79,6 +80,21 @@ def test_forced_modes_of_our_backbone():
         outputs[script] = result.stdout
     state = "set" if platform.libc_ver()[0] == "glibc" else "not available"
     assert f"# keep freed memory (glibc mallopt): {state}" in outputs["bench_train.py"]
+    assert "# ours: Winograd 3x3 convolutions auto" in outputs["bench_train.py"]
+
+
+def test_training_benchmark_without_winograd():
+    """--ours-winograd off: our folded backbone computes its 3x3 convolutions directly (at the
+    smoke-test size the folded R18 would take F(2x2) for layer3), in the timed steps and in
+    the memory children."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_train.py"), "--tiny", "--threads", "1",
+         "--ours-backbone", "folded", "--ours-winograd", "off", "--memory"],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "# ours: Winograd 3x3 convolutions off" in result.stdout
+    assert RATIO.search(result.stdout) and "peak" in result.stdout, result.stdout
 
 
 def test_inexact_modes_tiny():

@@ -64,15 +64,19 @@ def test_winograd_float32_error_is_as_documented(m, bound):
 
 
 def test_winograd_only_where_it_pays():
-    """F(4x4) with 128+ channels and 64+ tiles, else F(2x2) with 256+ channels and 32+ tiles;
-    never for strided, dilated, grouped, non-3x3 kernels, other dtypes."""
+    """F(4x4) with 256+ channels and 64+ tiles, or 128+ channels and 64-1024 tiles; else
+    F(2x2) with 256+ channels and 32+ tiles; never for strided, dilated, grouped, non-3x3
+    kernels, other dtypes."""
     conv = nn.Conv2d(256, 256, 3, padding=1)
     assert winograd_tile(conv, torch.empty(2, 256, 32, 32)) == 4  # 2 x 8 x 8 tiles of 4x4
+    assert winograd_tile(conv, torch.empty(2, 256, 128, 128)) == 4  # 2048 tiles
     assert winograd_tile(conv, torch.empty(2, 256, 16, 16)) == 2  # 32 tiles of 4x4, 128 of 2x2
     assert winograd_tile(conv, torch.empty(1, 256, 8, 8)) == 0  # 16 tiles of 2x2
     assert winograd_tile(conv, torch.empty(2, 256, 32, 32, dtype=torch.float64)) == 0
     narrow = nn.Conv2d(128, 128, 3, padding=1)
     assert winograd_tile(narrow, torch.empty(2, 128, 32, 32)) == 4
+    assert winograd_tile(narrow, torch.empty(1, 128, 128, 128)) == 4  # 1024 tiles
+    assert winograd_tile(narrow, torch.empty(2, 128, 96, 96)) == 0  # 1152 tiles
     assert winograd_tile(narrow, torch.empty(2, 128, 16, 16)) == 0  # F(2x2) does not pay there
     assert winograd_tile(nn.Conv2d(64, 64, 3, padding=1), torch.empty(2, 64, 128, 128)) == 0
     for other in (nn.Conv2d(256, 256, 3, padding=1, stride=2),

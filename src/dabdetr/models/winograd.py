@@ -15,9 +15,10 @@ the same transforms. Each transform is here one small matrix product with the Kr
 of B^T, G or A^T over every tile at once.
 
 The price is accuracy: F(4x4)'s points (0, +-1, +-2, inf) make its float32 results less exact
-than a direct convolution's (at 128 channels, relative to the largest value against float64:
-4e-6 to 7e-6 for the output and both gradients, against 2e-7 to 1.2e-6 for oneDNN's direct
-kernels; tests/test_winograd.py); F(2x2) is as exact as a direct one (4e-7 to 5e-7). Both stay
+than a direct convolution's: up to 8e-6 to 1.1e-5 of the largest value over the output and both
+gradients, against 1e-6 to 2.5e-6 for the direct kernels (128-512 channels, against float64;
+benchmarks/bench_winograd.py, tests/test_winograd.py). F(2x2) is as exact as a direct one
+(6e-7 to 9e-7). Both stay
 far inside the 1e-4 the training step is held to. Inference never takes this path: it keeps
 oneDNN's kernels, whose outputs the parity tests pin.
 """
@@ -168,24 +169,32 @@ def _overlap_add(grad_tiles: Tensor, m: int, h: int, w: int) -> Tensor:
     return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
-# Where F(m x m) beats oneDNN's direct kernels in a training step (forward, input and weight
-# gradients), measured on a 2-core Xeon (benchmarks/RESULTS.md, session 14; paired speed-ups
-# over `_FoldedConv2d`, square inputs). The input and output transforms cost per tile and
-# channel and the GEMMs per tile and channel pair, so it pays only with enough channels: 64
-# channels ran at 0.3x-0.9x with either block; 128 channels at 1.26x-1.4x with F(4x4) but
-# 1.0x-1.06x with F(2x2); 256 channels at 1.6x-1.9x with F(4x4) and 1.4x with F(2x2); 512
-# channels at 1.45x-1.65x with F(2x2). The kernel transform costs per channel pair alone,
-# (m+2)^2 of them, so the larger block needs enough tiles to amortize it: with 32 tiles F(4x4)
-# ran at 0.65x (512 channels) where F(2x2) gave 1.65x; from 64 tiles on F(4x4) was at least as
-# fast as F(2x2). Block size -> (least channels, least tiles), in order of preference:
-WINOGRAD_MIN_SIZES = {4: (128, 64), 2: (256, 32)}
+# Where F(m x m) beats the direct kernels (`_FoldedConv2d`: oneDNN, or a GEMM for the weight
+# gradient) in a training step: forward, input and weight gradients, paired speed-ups from
+# `python benchmarks/bench_winograd.py` on a 2-core Xeon (benchmarks/RESULTS.md, session 14).
+# The input and output transforms cost per tile and channel, the GEMMs per tile and channel
+# pair, so it pays with enough channels: at 64 channels F(2x2) ran at 0.31x and F(4x4) at 0.61x
+# (128x128, batch 2); at 128 channels F(4x4) at 1.26x-1.52x, F(2x2) at 0.78x-1.11x; at 256
+# channels F(4x4) at 1.47x-2.16x, F(2x2) at 1.23x-1.57x; at 512 F(2x2) at 1.39x-1.80x. The
+# kernel transform costs per channel pair alone, (m+2)^2 of them, so the larger block needs
+# enough tiles to amortize it: with 8-32 tiles F(4x4) ran at 0.52x-1.05x where F(2x2) gave
+# 1.39x-1.69x; from 64 tiles on F(4x4) was at least as fast as F(2x2), except at 512 channels
+# and 25x25 (49 tiles: 0.98x against 1.56x). At 128 channels F(4x4) lost its gain past ~1000
+# tiles (1024: 1.48x; 1152: 0.98x; 2048: 0.93x), where its transformed tiles outgrow what
+# glibc's malloc keeps between calls; at 256 channels it still ran at 1.11x with 2048 tiles.
+# Rules in order, the first that holds decides: (block size, least channels, least tiles, most
+# tiles or None).
+WINOGRAD_RULES: tuple[tuple[int, int, int, int | None], ...] = (
+    (4, 256, 64, None),
+    (4, 128, 64, 1024),
+    (2, 256, 32, None),
+)
 
 
 def winograd_tile(conv: nn.Conv2d, x: Tensor) -> int:
     """The block size m (4 or 2) to compute `conv` on x [N, C, H, W] as F(m x m, 3 x 3) in a
     CPU training step, or 0 where the direct convolution is used: not a stride-1, padding-1
-    3x3 convolution, too few channels or tiles (WINOGRAD_MIN_SIZES), or not float32 on the
-    CPU."""
+    3x3 convolution, channels or tiles outside WINOGRAD_RULES, or not float32 on the CPU."""
     if not (
         conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.dilation == (1, 1)
         and conv.padding == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
@@ -193,8 +202,9 @@ def winograd_tile(conv: nn.Conv2d, x: Tensor) -> int:
     ):
         return 0
     channels = min(conv.in_channels, conv.out_channels)
-    for m, (min_channels, min_tiles) in WINOGRAD_MIN_SIZES.items():
-        if channels >= min_channels and _tiles_shape(x, m)[2] >= min_tiles:
+    for m, min_channels, min_tiles, max_tiles in WINOGRAD_RULES:
+        tiles = _tiles_shape(x, m)[2]
+        if channels >= min_channels and min_tiles <= tiles <= (max_tiles or tiles):
             return m
     return 0
 
