@@ -50,6 +50,20 @@ def test_winograd_equals_the_direct_convolution_in_float64(m, n, c, k, h, w):
     assert got[2].stride() == weight.stride()
 
 
+@pytest.mark.parametrize("trained", ["input", "weight"])
+def test_winograd_gives_only_the_gradients_asked_for(trained):
+    """A frozen kernel on a trained input (or the reverse) gets no gradient, and the other
+    gradient is still right."""
+    x, weight, scale, shift, grad = _case(2, 4, 3, 6, 5, torch.float64)
+    (x if trained == "weight" else weight).requires_grad_(False)
+    wanted = x if trained == "input" else weight
+    ref = F.conv2d(x, weight * scale[:, None, None, None], shift, padding=1)
+    (expected,) = torch.autograd.grad(ref, wanted, grad)
+    winograd_conv3x3(x, weight, scale, shift, 4).backward(grad)
+    assert torch.allclose(wanted.grad, expected, rtol=0, atol=1e-11)
+    assert (x.grad if trained == "weight" else weight.grad) is None
+
+
 @pytest.mark.parametrize(("m", "bound"), [(2, 2e-6), (4, 2e-5)])
 def test_winograd_float32_error_is_as_documented(m, bound):
     """In float32, F(2x2) is about as exact as the direct convolution (~1e-6 relative to the
