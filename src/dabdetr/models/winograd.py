@@ -177,11 +177,11 @@ def _overlap_add(grad_tiles: Tensor, m: int, h: int, w: int) -> Tensor:
 # (128x128, batch 2); at 128 channels F(4x4) at 1.26x-1.52x, F(2x2) at 0.78x-1.11x; at 256
 # channels F(4x4) at 1.47x-2.16x, F(2x2) at 1.23x-1.57x; at 512 F(2x2) at 1.39x-1.80x. The
 # kernel transform costs per channel pair alone, (m+2)^2 of them, so the larger block needs
-# enough tiles to amortize it: with 8-32 tiles F(4x4) ran at 0.52x-1.05x where F(2x2) gave
-# 1.39x-1.69x; from 64 tiles on F(4x4) was at least as fast as F(2x2), except at 512 channels
-# and 25x25 (49 tiles: 0.98x against 1.56x). At 128 channels F(4x4) lost its gain past ~1000
-# tiles (1024: 1.48x; 1152: 0.98x; 2048: 0.93x), where its transformed tiles outgrow what
-# glibc's malloc keeps between calls; at 256 channels it still ran at 1.11x with 2048 tiles.
+# enough tiles to amortize it: with 8-49 tiles F(4x4) was never faster than F(2x2) (0.52x-1.56x
+# against 1.39x-1.69x); from 64 tiles on it was faster in every shape measured. At 128
+# channels F(4x4) lost its gain past ~1000
+# tiles (1024: 1.48x; 1152: 0.98x; 2048: 0.93x), where its transformed tiles pass 20 MB (memory
+# traffic, likely; not profiled); at 256 channels it still ran at 1.11x with 2048 tiles.
 # Rules in order, the first that holds decides: (block size, least channels, least tiles, most
 # tiles or None).
 WINOGRAD_RULES: tuple[tuple[int, int, int, int | None], ...] = (
