@@ -435,12 +435,12 @@ class Backbone(nn.Module):
         the backbone's training step on CPU. On CPUs the units autograd need not record (every
         unit without grad; in training the frozen stem and layer1) run as oneDNN kernels that
         also apply the ReLU and add the residual in place (not under CPU autocast, which casts
-        F.conv2d). In training on CPUs, the trained convolutions run as `_FoldedConv2d`, which
+        F.conv2d). In training on CPUs, the trained stride-1 3x3 convolutions with enough
+        channels and tiles run as Winograd's F(4x4, 3x3) or F(2x2, 3x3) (models/winograd.py:
+        2.25x-4x fewer products). The other trained convolutions run as `_FoldedConv2d`, which
         keeps no folded kernel for the backward pass, and those with many weights for their
-        output pixels (every 1x1, and layer4's 3x3 at the recipe's sizes) compute their weight
-        gradient as a GEMM (see GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL), except the stride-1
-        3x3 ones with enough channels and tiles, which run as Winograd's F(4x4, 3x3) or
-        F(2x2, 3x3) (models/winograd.py: 2.25x-4x fewer products). Smaller inputs, where
+        output pixels (every 1x1, and layer4's strided 3x3 at the recipe's sizes) compute their
+        weight gradient as a GEMM (see GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL). Smaller inputs, where
         rebuilding and transposing the folded weights costs more than that, run the body's
         modules as they are. Bodies this cannot fold (trainable BatchNorm2d in training mode,
         replaced modules) run as they are, on channels_last input.

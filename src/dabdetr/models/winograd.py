@@ -18,9 +18,8 @@ The price is accuracy: F(4x4)'s points (0, +-1, +-2, inf) make its float32 resul
 than a direct convolution's: up to 8e-6 to 1.1e-5 of the largest value over the output and both
 gradients, against 1e-6 to 2.5e-6 for the direct kernels (128-512 channels, against float64;
 benchmarks/bench_winograd.py, tests/test_winograd.py). F(2x2) is as exact as a direct one
-(6e-7 to 9e-7). Both stay
-far inside the 1e-4 the training step is held to. Inference never takes this path: it keeps
-oneDNN's kernels, whose outputs the parity tests pin.
+(6e-7 to 9e-7). Both stay far inside the 1e-4 the training step is held to. Inference never
+takes this path: it keeps oneDNN's kernels, whose outputs the parity tests pin.
 """
 
 from __future__ import annotations
@@ -92,8 +91,9 @@ class _WinogradConv3x3(torch.autograd.Function):
     channels_last.
 
     Keeps only x and the weight for backward, like `_FoldedConv2d`: the kernel and input
-    transforms are recomputed there (each a small fraction of the GEMMs), so the step's peak
-    holds none of the transformed tensors (2.25x-4x the input or the weight)."""
+    transforms are recomputed there, so the step's peak holds none of the transformed tensors
+    (2.25x-4x the input or the weight). Keeping the transformed kernels instead measured no
+    faster (benchmarks/RESULTS.md, session 14)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, m: int) -> Tensor:
