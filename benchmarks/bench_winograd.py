@@ -45,7 +45,8 @@ def _inputs(n: int, c: int, s: int, dtype: torch.dtype):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, c, s, s, generator=gen, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+    # the module only describes the convolution to the backbone's choices: no weights needed
+    conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False, device="meta")
     weight = (torch.randn(c, c, 3, 3, generator=gen, dtype=dtype) / (9 * c) ** 0.5)
     weight.requires_grad_(True)
     scale = torch.rand(c, generator=gen, dtype=dtype) + 0.5
