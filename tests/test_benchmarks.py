@@ -171,6 +171,20 @@ def test_unknown_backbone_mode_is_refused_before_any_work(capsys):
         assert "invalid choice: 'diagonal'" in capsys.readouterr().err
 
 
+def test_bad_winograd_options_are_refused_before_any_work(capsys):
+    """bench_train's --ours-winograd takes auto or off; bench_winograd's --shapes takes
+    N x C x S with every size at least 1, and names the bad shape."""
+    with pytest.raises(SystemExit):
+        _benchmark_module("bench_train").main(["--tiny", "--ours-winograd", "on"])
+    assert "invalid choice: 'on'" in capsys.readouterr().err
+    bench_winograd = _benchmark_module("bench_winograd")
+    for shape, message in (("2x256", "is not N x C x S"), ("2xax32", "is not N x C x S"),
+                           ("0x256x32", "has a size below 1")):
+        with pytest.raises(SystemExit):
+            bench_winograd.main(["--tiny", "--shapes", shape])
+        assert f"shape '{shape}' {message}" in capsys.readouterr().err
+
+
 def test_ratio_line_reports_best_median_paired_and_the_spread_of_rounds():
     common = _benchmark_module("_common")
     line = common.ratio_line("a/b", [2.0, 4.0, 9.0], [1.0, 2.0, 3.0])  # rounds: 2x, 2x, 3x
