@@ -91,6 +91,8 @@ def test_fallback_convolutions_match(monkeypatch):
         _assert_same(fast(images, mask), expected)
 
 
+@pytest.mark.skipif(not backbone_module.ONEDNN_BF16,
+                    reason="oneDNN takes no bfloat16 on this CPU (needs AVX512 or AVX-NE-CONVERT)")
 def test_bf16_off_onednn_is_close_to_the_onednn_kernels(monkeypatch):
     """bf16=True on the F.conv2d path (CUDA, CPU builds without oneDNN) as on oneDNN's."""
     fast = optimize_for_inference(_perturbed(tiny_config()), bf16=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -126,16 +125,24 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
     common = dict(max_steps=3, epochs=1000, deterministic=True, eval_every=1,
                   model_overrides=overrides, eval_batch_size=3, no_multi_scale=True)
     single = Trainer(tiny_cfg(data_dir, tmp_path / "one", batch_size=4, **common))
+    initial = {k: v.clone() for k, v in single.model.state_dict().items()}
     single.fit()
     ddp_cfg = tiny_cfg(data_dir, tmp_path / "two", batch_size=2, **common)
     mp.spawn(_ddp_worker, args=(2, _free_port(), ddp_cfg, str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    # The two runs sum the same gradients in different orders. Adam divides each gradient by
+    # its own running RMS, so a component that nearly cancels (or is pure rounding noise, as for
+    # key-projection biases, which shift every attention logit of a query equally and get an
+    # exactly zero gradient from softmax) carries its relative rounding error into an lr-sized
+    # step: on an AVX2 CPU some stem weights differ by 3% of a step after 3 steps. So the
+    # parameters are compared to a tenth of one step (lr 1e-3); a gradient that DDP failed to
+    # average or synchronize moves whole tensors by about a step.
+    lr, moved = ddp_cfg.lr, 0.0
     for key, value in single.model.state_dict().items():
-        # Key-projection biases shift every attention logit of a query equally, so softmax
-        # gives them an exactly zero gradient: what they receive is rounding noise, which
-        # Adam normalizes into lr-sized steps. They are compared 10x looser.
-        tol = 1e-4 if re.search(r"_k(pos|content)_proj\.bias$", key) else 1e-5
-        torch.testing.assert_close(result["state"][key], value, atol=tol, rtol=1e-5, msg=key)
+        torch.testing.assert_close(result["state"][key], value, atol=0.1 * lr, rtol=0, msg=key)
+        if value.is_floating_point():
+            moved = max(moved, float((value - initial[key]).abs().max()))
+    assert moved > 2 * lr  # the comparison means something: three steps moved the weights
     one, two = single.history, result["history"]
     assert len(one) == len(two)
     for h1, h2 in zip(one, two, strict=True):

@@ -122,6 +122,18 @@ def _onednn_fusion_available() -> bool:
 ONEDNN_FUSION = _onednn_fusion_available()
 
 
+def _onednn_bf16_available() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions on this CPU: it refuses to without AVX512
+    (BW, VL, DQ) or AVX-NE-CONVERT (an AVX2-only CPU, such as an AMD EPYC of the Zen 3
+    generation, raises), where F.conv2d still runs them on torch's own kernels."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return ONEDNN_FUSION and check is not None and bool(check())
+
+
+#: oneDNN's fused convolution kernels take bfloat16 on this CPU
+ONEDNN_BF16 = _onednn_bf16_available()
+
+
 def _register_fused_flops() -> None:
     """Give torch's flop counter (torch.utils.flop_counter.FlopCounterMode) the FLOPs of the
     fused oneDNN convolutions, which it would count as 0, so FLOP counts of the model are the
@@ -150,11 +162,12 @@ if ONEDNN_FUSION:
 
 def can_fuse(x: Tensor, weight: Tensor) -> bool:
     """Whether `fused_conv2d(x, weight, ...)` runs as one oneDNN kernel: a CPU tensor in
-    float32 or bfloat16, the weight's dtype, and nothing that autograd must record."""
+    float32 (or bfloat16 where oneDNN takes it, `ONEDNN_BF16`), the weight's dtype, and nothing
+    that autograd must record."""
     return (
         ONEDNN_FUSION
         and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and ONEDNN_BF16))
         and x.dtype == weight.dtype
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
