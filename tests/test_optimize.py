@@ -298,11 +298,14 @@ def test_folded_convolution_equals_the_convolution_of_the_scaled_kernel(
         assert got[-1].stride() == weight.stride()  # taken by AccumulateGrad as it is
 
 
-def test_folded_training_takes_the_gemm_weight_gradient_where_it_pays(monkeypatch):
+@pytest.mark.parametrize("strided_gemm", [False, True], ids=["avx512", "avx2"])
+def test_folded_training_takes_the_gemm_weight_gradient_where_it_pays(monkeypatch, strided_gemm):
     """In training, the trained convolutions run as _FoldedConv2d: the 1x1 ones and the 3x3
-    ones with many weights per output pixel with their weight gradient as a GEMM, the others
-    by oneDNN; none without grad, nor under CPU autocast."""
+    ones with many weights per output pixel with their weight gradient as a GEMM (and on CPUs
+    without AVX-512 the strided ones too), the others by oneDNN; none without grad, nor under
+    CPU autocast."""
     monkeypatch.setattr(backbone_module, "FOLD_MIN_MACS_PER_WEIGHT", 0)
+    monkeypatch.setattr(backbone_module, "STRIDED_GEMM_WEIGHT_GRAD", strided_gemm)
     taken: dict[tuple[int, ...], list[bool]] = {}
     real = backbone_module._FoldedConv2d.apply
 
@@ -321,8 +324,10 @@ def test_folded_training_takes_the_gemm_weight_gradient_where_it_pays(monkeypatc
     pointwise = [gemm for shape, calls in taken.items() if shape[-1] == 1 for gemm in calls]
     assert len(pointwise) == sum(m.kernel_size == (1, 1) for m in trained) and all(pointwise)
     # at 128x128 layer4's 3x3 kernels (2.4M weights) have 4x4 output pixels, above the
-    # factor; layer2's (147k weights) have 16x16, under it
-    assert all(taken[(512, 512, 3, 3)]) and not any(taken[(128, 128, 3, 3)])
+    # factor; layer2's (147k weights) have 16x16, under it: only its first (strided) one
+    # takes the GEMM, and only without AVX-512
+    assert all(taken[(512, 512, 3, 3)])
+    assert taken[(128, 128, 3, 3)] == [strided_gemm] + [False] * 3
     taken.clear()
     with torch.no_grad():
         backbone.run_body(images)
