@@ -234,9 +234,9 @@ GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL = 1200
 # Without AVX-512, oneDNN's weight gradient of a strided 3x3 kernel is slow at every size: on a
 # 2-core AMD EPYC (Zen 3, AVX2), R50's three strided kernels at batch 2, 512x512 (18-4608
 # weights per output pixel) took 1.5x-1.7x longer than the GEMM (benchmarks/RESULTS.md,
-# session 15), while its stride-1 kernels are as fast as the GEMM or faster. There every
-# strided kernel takes the GEMM.
-STRIDED_GEMM_WEIGHT_GRAD = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2")
+# session 15), while its stride-1 kernels are as fast as the GEMM or faster. On CPUs where torch
+# runs its AVX2 kernels every strided kernel takes the GEMM (other CPUs were not measured).
+STRIDED_GEMM_WEIGHT_GRAD = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def _gemm_weight_grad_pays(conv: nn.Conv2d, x: Tensor) -> bool:
