@@ -241,7 +241,8 @@ STRIDED_GEMM_WEIGHT_GRAD = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 def _gemm_weight_grad_pays(conv: nn.Conv2d, x: Tensor) -> bool:
     """Whether `conv` applied to `x` in training on the CPU should compute its weight gradient
-    as a GEMM over the input's patches rather than by oneDNN."""
+    as a GEMM over the input's patches rather than by oneDNN: every 1x1 kernel, every strided
+    one where STRIDED_GEMM_WEIGHT_GRAD holds, and the others by the weights-per-pixel factor."""
     if conv.kernel_size == (1, 1) or (STRIDED_GEMM_WEIGHT_GRAD and conv.stride != (1, 1)):
         return True
     n, _, h, w = x.shape
@@ -459,8 +460,9 @@ class Backbone(nn.Module):
         channels and tiles run as Winograd's F(4x4, 3x3) or F(2x2, 3x3) (models/winograd.py:
         2.25x-4x fewer products). The other trained convolutions run as `_FoldedConv2d`, which
         keeps no folded kernel for the backward pass, and those with many weights for their
-        output pixels (every 1x1, and layer4's strided 3x3 at the recipe's sizes) compute their
-        weight gradient as a GEMM (see GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL). Smaller inputs, where
+        output pixels (every 1x1, and layer4's strided 3x3 at the recipe's sizes; on AVX2 CPUs
+        every strided one, STRIDED_GEMM_WEIGHT_GRAD) compute their weight gradient as a GEMM
+        (see GEMM_WEIGHT_GRAD_MIN_WEIGHTS_PER_PIXEL). Smaller inputs, where
         rebuilding and transposing the folded weights costs more than that, run the body's
         modules as they are. Bodies this cannot fold (trainable BatchNorm2d in training mode,
         replaced modules) run as they are, on channels_last input.

@@ -182,9 +182,10 @@ def _overlap_add(grad_tiles: Tensor, m: int, h: int, w: int) -> Tensor:
 # kernel transform costs per channel pair alone, (m+2)^2 of them, so the larger block needs
 # enough tiles to amortize it: with 8-49 tiles F(4x4) was never faster than F(2x2) (0.52x-1.56x
 # against 1.39x-1.69x); from 64 tiles on it was faster in every shape measured. At 128
-# channels F(4x4) lost its gain past ~1000
-# tiles (1024: 1.48x; 1152: 0.98x; 2048: 0.93x), where its transformed tiles pass 20 MB (memory
-# traffic, likely; not profiled); at 256 channels it still ran at 1.11x with 2048 tiles.
+# channels F(4x4) lost its gain past ~1000 tiles (1024: 1.48x; 1152: 0.98x; 2048: 0.93x), where
+# its transformed tiles pass 20 MB (memory traffic, likely; not profiled); at 256 channels it
+# still ran at 1.11x with 2048 tiles. On a 2-core AMD EPYC (AVX2, session 15) the rules picked
+# the faster variant in every R50 shape measured as well.
 # Rules in order, the first that holds decides: (block size, least channels, least tiles, most
 # tiles or None).
 WINOGRAD_RULES: tuple[tuple[int, int, int, int | None], ...] = (
