@@ -64,6 +64,11 @@ RECIPES = {
     # candidate additions
     "demo+dn": _variant(model_overrides={"dn_groups": 3}),
     "demo-b8": _variant(batch_size=8),
+    # the classification weight, without the lr drop (compared at fixed images seen; session 16)
+    "nodrop-cls2": _variant(cls_loss_coef=2.0, lr_drop_time=None),
+    "nodrop-cls4": _variant(cls_loss_coef=4.0, lr_drop_time=None),
+    "nodrop-cls8": _variant(cls_loss_coef=8.0, lr_drop_time=None),
+    "nodrop-cls2-alpha0.5": _variant(cls_loss_coef=2.0, focal_alpha=0.5, lr_drop_time=None),
 }
 
 

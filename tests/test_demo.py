@@ -61,3 +61,29 @@ def test_demo_unwritable_out(tmp_path, capsys):
     with pytest.raises(DemoError, match="not a directory"):
         run_demo(blocker, **TINY)
 
+
+
+def test_every_convergence_recipe_is_a_valid_training_configuration():
+    """benchmarks/convergence.py's recipes (the demo's ablations) name real `TrainConfig` fields,
+    model presets and model fields; a typo there would only show after minutes of training."""
+    import importlib.util
+    from dataclasses import fields
+    from pathlib import Path
+
+    from dabdetr.config import DabDetrConfig
+    from dabdetr.demo import DEMO_RECIPE
+    from dabdetr.engine.train import TrainConfig
+    from dabdetr.presets import preset_config
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "convergence.py"
+    spec = importlib.util.spec_from_file_location("convergence", path)
+    convergence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convergence)
+    assert convergence.RECIPES["demo"] == DEMO_RECIPE
+    train_fields = {f.name for f in fields(TrainConfig)}
+    model_fields = {f.name for f in fields(DabDetrConfig)}
+    for name, recipe in convergence.RECIPES.items():
+        assert set(recipe) <= train_fields, (name, set(recipe) - train_fields)
+        assert set(recipe["model_overrides"]) <= model_fields, name
+        preset_config(recipe["model"], **recipe["model_overrides"])
+        TrainConfig(data="data", out="out", **recipe)

@@ -401,3 +401,30 @@ def test_optimizer_is_fused_adamw_with_the_same_update():
             opt.step()
     for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_curves_read_the_step_log_and_skip_a_torn_line(tmp_path, caplog):
+    """curves.png draws the losses from metrics.jsonl's step records, against images seen; a
+    line cut short by a killed run is skipped with a warning instead of failing the run's end."""
+    from PIL import Image
+
+    from dabdetr.engine.train import plot_history, read_step_log
+
+    log = tmp_path / "metrics.jsonl"
+    steps = [{"type": "step", "step": s, "images_seen": 16 * s, "loss": 10.0 / s,
+              "loss_ce": 1.0 / s, "loss_bbox": 0.5 / s, "loss_giou": 0.8 / s} for s in (20, 40, 60)]
+    epochs = [{"type": "epoch", "epoch": 1, "images_seen": 800, "train_loss": 3.0,
+               "AP": 0.1, "AP50": 0.2},
+              {"type": "epoch", "epoch": 1, "images_seen": 960, "train_loss": 2.0,  # partial
+               "AP": 0.15, "AP50": 0.3}]
+    lines = [json.dumps(r) for r in steps[:2] + epochs[:1] + steps[2:]] + ['{"type": "st']
+    log.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="dabdetr.engine.train"):
+        read = read_step_log(log)
+    assert read == steps
+    assert "skipped 1 unreadable line" in caplog.text
+    assert read_step_log(tmp_path / "absent.jsonl") == []
+    for name, kwargs in (("dense.png", {"steps": read}), ("epochs.png", {})):
+        plot_history(epochs, tmp_path / name, **kwargs)
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.width > 500

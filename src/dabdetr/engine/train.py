@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -513,7 +514,8 @@ class Trainer:
                    "skipped_images": self.skipped_images,
                    "last": self.history[-1] if self.history else None}
         if dist.is_main_process():
-            plot_history(self.history, self.out / "curves.png")
+            plot_history(self.history, self.out / "curves.png",
+                         read_step_log(self.out / "metrics.jsonl"))
         return summary
 
     def end_of_epoch(self, running: dict[str, float], started: float, force_eval: bool) -> None:
@@ -548,33 +550,69 @@ def _no_flip(recipe: TransformRecipe):
                                  recipe.crop_size, hflip_prob=0.0)
 
 
-def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Losses and AP per epoch as a PNG."""
+def read_step_log(path: Path) -> list[dict[str, Any]]:
+    """The "step" records of a run's metrics.jsonl, for the curves: empty if there is none;
+    a line that does not parse (a run killed mid-write) is skipped with a warning."""
+    if not path.exists():
+        return []
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(record, dict) and record.get("type") == "step":
+            records.append(record)
+    if bad:
+        logger.warning("%s: skipped %d unreadable line(s) when drawing the curves", path, bad)
+    return records
+
+
+def plot_history(history: list[dict[str, Any]], path: Path,
+                 steps: Sequence[dict[str, Any]] = ()) -> None:
+    """Training losses and validation AP against images seen, as a PNG.
+
+    `history`: the epoch records (their mean losses, and AP where evaluated); `steps`: the step
+    records of metrics.jsonl, logged every `log_every` steps, which draw the losses densely
+    where given. A run stopped by its time limit ends with a partial epoch: on the images-seen
+    axis it is a point of its own rather than a second point at the same epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not history:
+    if not history and not steps:
         return
-    epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train_loss", "total"), ("train_loss_ce", "class (focal)"),
-                       ("train_loss_bbox", "L1"), ("train_loss_giou", "GIoU")):
-        pts = [(e, h[key]) for e, h in zip(epochs, history, strict=True) if key in h]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = (("loss", "total (weighted, every layer)"), ("loss_ce", "class (focal)"), ("loss_bbox", "L1"),
+             ("loss_giou", "GIoU"))
+    for key, label in names:
+        if steps:
+            pts = [(r["images_seen"] / 1000, r[key]) for r in steps if key in r]
+            style = {"linewidth": 1}
+        else:
+            pts = [(h["images_seen"] / 1000, h[f"train_{key}"]) for h in history
+                   if f"train_{key}" in h]
+            style = {"marker": "o"}
         if pts:
-            ax1.plot(*zip(*pts, strict=True), marker="o", label=label)
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("training loss (last layer)")
+            ax1.plot(*zip(*pts, strict=True), label=label, **style)
+    ax1.set_xlabel("thousand images seen")
+    ax1.set_ylabel("training loss (parts: last decoder layer)")
     ax1.set_yscale("log")
+    ax1.grid(alpha=0.3)
     ax1.legend()
     for key in ("AP", "AP50"):
-        pts = [(e, h[key]) for e, h in zip(epochs, history, strict=True) if h.get(key) is not None]
+        pts = [(h["images_seen"] / 1000, h[key]) for h in history if h.get(key) is not None]
         if pts:
             ax2.plot(*zip(*pts, strict=True), marker="o", label=key)
-    ax2.set_xlabel("epoch")
+            x, y = pts[-1]
+            ax2.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(4, 4))
+    ax2.set_xlabel("thousand images seen")
     ax2.set_ylabel("validation COCO")
+    ax2.set_xlim(left=0)
     ax2.set_ylim(0, 1)
+    ax2.grid(alpha=0.3)
     ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
