@@ -62,7 +62,6 @@ def test_demo_unwritable_out(tmp_path, capsys):
         run_demo(blocker, **TINY)
 
 
-
 def test_every_convergence_recipe_is_a_valid_training_configuration():
     """benchmarks/convergence.py's recipes (the demo's ablations) name real `TrainConfig` fields,
     model presets and model fields; a typo there would only show after minutes of training."""

@@ -403,9 +403,10 @@ def test_optimizer_is_fused_adamw_with_the_same_update():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
-def test_curves_read_the_step_log_and_skip_a_torn_line(tmp_path, caplog):
-    """curves.png draws the losses from metrics.jsonl's step records, against images seen; a
-    line cut short by a killed run is skipped with a warning instead of failing the run's end."""
+def test_curves_read_this_runs_steps_and_skip_a_torn_line(tmp_path, caplog):
+    """curves.png draws the losses from metrics.jsonl's step records, against images seen: this
+    run's, without an earlier run's in the same folder or the steps a resume repeated; a line
+    cut short by a killed run is skipped with a warning instead of failing the run's end."""
     from PIL import Image
 
     from dabdetr.engine.train import plot_history, read_step_log
@@ -417,11 +418,15 @@ def test_curves_read_the_step_log_and_skip_a_torn_line(tmp_path, caplog):
                "AP": 0.1, "AP50": 0.2},
               {"type": "epoch", "epoch": 1, "images_seen": 960, "train_loss": 2.0,  # partial
                "AP": 0.15, "AP50": 0.3}]
-    lines = [json.dumps(r) for r in steps[:2] + epochs[:1] + steps[2:]] + ['{"type": "st']
+    earlier_run = [dict(r, step=r["step"] * 9, loss=99.0) for r in steps]
+    repeated_after_resume = [dict(steps[2], loss=98.0)]
+    lines = ([json.dumps(r) for r in earlier_run] + [json.dumps(r) for r in steps[:2]]
+             + [json.dumps(r) for r in repeated_after_resume]  # logged, then resumed before it
+             + [json.dumps(epochs[0]), json.dumps(steps[2]), '{"type": "st'])
     log.write_text("\n".join(lines) + "\n")
     with caplog.at_level(logging.WARNING, logger="dabdetr.engine.train"):
         read = read_step_log(log)
-    assert read == steps
+    assert read == steps  # neither the earlier run's records nor the repeated step
     assert "skipped 1 unreadable line" in caplog.text
     assert read_step_log(tmp_path / "absent.jsonl") == []
     for name, kwargs in (("dense.png", {"steps": read}), ("epochs.png", {})):

@@ -551,8 +551,11 @@ def _no_flip(recipe: TransformRecipe):
 
 
 def read_step_log(path: Path) -> list[dict[str, Any]]:
-    """The "step" records of a run's metrics.jsonl, for the curves: empty if there is none;
-    a line that does not parse (a run killed mid-write) is skipped with a warning."""
+    """The "step" records of a run's metrics.jsonl, for the curves, in step order: empty if
+    there is none. The file is appended to, so it may also hold the steps a resumed run
+    repeated after its checkpoint, or an earlier run's in the same folder: read from the end,
+    only records whose step comes before the one after them are kept. A line that does not
+    parse (a run killed mid-write) is skipped with a warning."""
     if not path.exists():
         return []
     records, bad = [], 0
@@ -566,7 +569,11 @@ def read_step_log(path: Path) -> list[dict[str, Any]]:
             records.append(record)
     if bad:
         logger.warning("%s: skipped %d unreadable line(s) when drawing the curves", path, bad)
-    return records
+    kept: list[dict[str, Any]] = []
+    for record in reversed(records):
+        if not kept or record["step"] < kept[-1]["step"]:
+            kept.append(record)
+    return kept[::-1]
 
 
 def plot_history(history: list[dict[str, Any]], path: Path,
@@ -585,8 +592,8 @@ def plot_history(history: list[dict[str, Any]], path: Path,
     if not history and not steps:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    names = (("loss", "total (weighted, every layer)"), ("loss_ce", "class (focal)"), ("loss_bbox", "L1"),
-             ("loss_giou", "GIoU"))
+    names = (("loss", "total (weighted, every layer)"), ("loss_ce", "class (focal)"),
+             ("loss_bbox", "L1"), ("loss_giou", "GIoU"))
     for key, label in names:
         if steps:
             pts = [(r["images_seen"] / 1000, r[key]) for r in steps if key in r]
