@@ -375,10 +375,15 @@ class Trainer:
         atomic_save(ckpt, path)
         return path
 
+    @property
+    def metrics_path(self) -> Path:
+        """The run's log: one JSON record a line, appended to (steps, epochs)."""
+        return self.out / "metrics.jsonl"
+
     def _log(self, record: dict[str, Any]) -> None:
         if dist.is_main_process():
             self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "metrics.jsonl", "a") as f:
+            with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     # -- the loop
@@ -514,8 +519,7 @@ class Trainer:
                    "skipped_images": self.skipped_images,
                    "last": self.history[-1] if self.history else None}
         if dist.is_main_process():
-            plot_history(self.history, self.out / "curves.png",
-                         read_step_log(self.out / "metrics.jsonl"))
+            plot_history(self.history, self.out / "curves.png", read_step_log(self.metrics_path))
         return summary
 
     def end_of_epoch(self, running: dict[str, float], started: float, force_eval: bool) -> None:
