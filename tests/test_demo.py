@@ -86,3 +86,13 @@ def test_every_convergence_recipe_is_a_valid_training_configuration():
         assert set(recipe["model_overrides"]) <= model_fields, name
         preset_config(recipe["model"], **recipe["model_overrides"])
         TrainConfig(data="data", out="out", **recipe)
+
+
+def test_demo_loads_data_in_the_training_process_on_a_small_cpu():
+    from dabdetr.demo import loader_workers
+
+    assert loader_workers("cpu", cpus=2) == 0
+    assert loader_workers("cpu", cpus=1) == 0
+    assert loader_workers("cpu", cpus=16) == 1
+    assert loader_workers("cuda", cpus=2) == 1
+    assert loader_workers("cpu") in (0, 1)  # this machine's own count

@@ -433,3 +433,25 @@ def test_curves_read_this_runs_steps_and_skip_a_torn_line(tmp_path, caplog):
         plot_history(epochs, tmp_path / name, **kwargs)
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.width > 500
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(data_dir, tmp_path):
+    """SeededAugmentation seeds the CPU generator per sample: the same sample in the training
+    process and in a loader worker, whatever the global RNG state, and another one next epoch."""
+    trainer = Trainer(tiny_cfg(data_dir, tmp_path / "run", image_size=48, no_crop=False,
+                               no_multi_scale=False))
+
+    def samples(workers: int, epoch: int) -> list[torch.Tensor]:
+        trainer.seeded.epoch = epoch
+        loader = torch.utils.data.DataLoader(trainer.seeded, batch_size=None, num_workers=workers,
+                                             collate_fn=lambda sample: sample)
+        return [image for image, _ in loader]
+
+    torch.manual_seed(123)
+    here = samples(0, epoch=0)
+    torch.manual_seed(456)
+    assert all(torch.equal(a, b) for a, b in zip(here, samples(0, epoch=0), strict=True))
+    in_worker = samples(1, epoch=0)
+    assert all(torch.equal(a, b) for a, b in zip(here, in_worker, strict=True))
+    next_epoch = samples(0, epoch=1)
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(here, next_epoch))

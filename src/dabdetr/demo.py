@@ -38,6 +38,18 @@ DEMO_DATA = {"num_train": 4000, "num_val": 200, "seed": 12345, "difficulty": "st
 RESERVE_SECONDS = 20  # final evaluation, drawing and saving (about 8 s here)
 
 
+def loader_workers(device_type: str, cpus: int | None = None) -> int:
+    """Data-loading worker processes for the demo: one, or none (loading in the training
+    process) when it trains on a CPU with two cores or fewer. There a worker process takes
+    cores from the training threads, which then wait for each other at every parallel step. On
+    a 2-core AMD EPYC, in 10 alternating pairs of 30-60 demo steps, no worker was faster in 8
+    (median 1.09x): 1,012-1,229 images a minute against 922-1,220 (benchmarks/RESULTS.md,
+    session 17). Hosts with more cores keep the worker (not measured)."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 0 if device_type == "cpu" and (cpus or 1) <= 2 else 1
+
+
 class DemoError(ValueError):
     pass
 
@@ -73,6 +85,7 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
              recipe_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the demo; returns the summary written to `out/demo.json`."""
     from dabdetr.data.synthetic import dataset_matches, generate_dataset
+    from dabdetr.distributed import resolve_device
     from dabdetr.engine.train import TrainConfig, Trainer
 
     started = time.time()
@@ -103,7 +116,8 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
     cfg = TrainConfig(data=str(data), out=str(out / "train"), epochs=10_000,
                       time_limit=max(budget_minutes(), 0.05), max_steps=max_steps, seed=seed,
                       lr_drop=[], eval_every=1, backbone_weights=backbone_weights,
-                      num_workers=1, progress=progress, eval_batch_size=16, **recipe)
+                      num_workers=loader_workers(resolve_device(device).type),
+                      progress=progress, eval_batch_size=16, **recipe)
     trainer = Trainer(cfg, resume=str(last) if resuming else None, device=device)
     cfg.time_limit = max(budget_minutes(), 0.05)  # again, now that set-up is done
     if resuming:
