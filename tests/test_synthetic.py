@@ -85,6 +85,16 @@ def test_generation_is_deterministic(tmp_path: Path, small_dataset: tuple[Path, 
     assert _all_files(first) == _all_files(second)
 
 
+def test_worker_processes_write_the_same_files(
+    tmp_path: Path, small_dataset: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, _ = small_dataset
+    monkeypatch.setattr(synthetic, "PARALLEL_MIN_IMAGES", 1)  # parallel even for 9 images
+    parallel = tmp_path / "parallel"
+    generate_dataset(parallel, progress=False, workers=2, **SMALL)
+    assert _all_files(first) == _all_files(parallel)
+
+
 def test_images_do_not_depend_on_split_size(
     tmp_path: Path, small_dataset: tuple[Path, dict]
 ) -> None:
@@ -165,6 +175,7 @@ def test_boxes_are_tight_around_the_drawn_shape() -> None:
         ({"image_size": (64, 16)}, "image width"),
         ({"image_size": (64, 64, 3)}, "image_size"),
         ({"image_size": 10_000}, "image_size"),
+        ({"workers": 0}, "workers"),
     ],
 )
 def test_bad_arguments_are_rejected(tmp_path: Path, kwargs: dict, message: str) -> None:
@@ -212,7 +223,7 @@ def test_run_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = _parser().parse_args(
         ["--out", str(out), "--train", "2", "--val", "1", "--image-size", "48", "--no-progress"]
     )
-    assert args.difficulty == "standard" and args.seed == 0
+    assert args.difficulty == "standard" and args.seed == 0 and args.workers is None
     assert run_cli(args) == 0
     printed = capsys.readouterr().out
     assert "2 train images" in printed and "1 val images" in printed and str(out) in printed

@@ -454,4 +454,4 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(data_dir, tmp_path):
     in_worker = samples(1, epoch=0)
     assert all(torch.equal(a, b) for a, b in zip(here, in_worker, strict=True))
     next_epoch = samples(0, epoch=1)
-    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(here, next_epoch))
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(here, next_epoch, strict=True))

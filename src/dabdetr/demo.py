@@ -41,9 +41,10 @@ RESERVE_SECONDS = 20  # final evaluation, drawing and saving (about 8 s here)
 def loader_workers(device_type: str, cpus: int | None = None) -> int:
     """Data-loading worker processes for the demo: one, or none (loading in the training
     process) when it trains on a CPU with two cores or fewer. There a worker process takes
-    cores from the training threads, which then wait for each other at every parallel step. On
-    a 2-core AMD EPYC, in 10 alternating pairs of 30-60 demo steps, no worker was faster in 8
-    (median 1.09x): 1,012-1,229 images a minute against 922-1,220 (benchmarks/RESULTS.md,
+    cores from the training threads, which then wait for each other at parallel steps. On a
+    2-core AMD EPYC, demo steps (30-60 a run, alternating) ran 0.97x-1.11x as fast without the
+    worker, median 1.05x, in six pairs under the `dabdetr` command's OMP_WAIT_POLICY=PASSIVE,
+    and 0.92x-1.20x, median 1.09x, in ten pairs under OpenMP's default (benchmarks/RESULTS.md,
     session 17). Hosts with more cores keep the worker (not measured)."""
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -84,7 +85,7 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
              max_steps: int | None = None, progress: bool = True,
              recipe_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the demo; returns the summary written to `out/demo.json`."""
-    from dabdetr.data.synthetic import dataset_matches, generate_dataset
+    from dabdetr.data.synthetic import dataset_matches, default_workers, generate_dataset
     from dabdetr.distributed import resolve_device
     from dabdetr.engine.train import TrainConfig, Trainer
 
@@ -100,7 +101,7 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
     if dataset_matches(data, **data_args):
         logger.info("reusing the synthetic dataset in %s", data)
     else:
-        generate_dataset(data, progress=progress, **data_args)
+        generate_dataset(data, progress=progress, workers=default_workers(), **data_args)
     recipe = dict(DEMO_RECIPE)
     if preset:
         recipe["model"] = preset

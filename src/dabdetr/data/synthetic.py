@@ -33,11 +33,14 @@ machine give byte-identical PNG and json files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -537,32 +540,54 @@ def _file_name(index: int) -> str:
     return f"{index:06d}.png"
 
 
-def _write_split(out: Path, split: str, count: int, spec: _Spec, bar: tqdm) -> dict[str, Any]:
+# Below this many images, worker processes cost more to start than they save.
+PARALLEL_MIN_IMAGES = 256
+
+
+def default_workers() -> int:
+    """Processes `generate_dataset` renders with by default: the CPUs this process may use, at
+    most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, 8))
+
+
+def _render_and_save(task: tuple[Path, str, int, _Spec]) -> list[tuple[int, tuple, int]]:
+    """Render image `index` of `split`, save it as PNG in `image_dir`; returns its objects as
+    (category id, xyxy box, visible area). Depends only on its arguments (its own RNG), so any
+    process may run it."""
+    image_dir, split, index, spec = task
+    image, objects, _ = render_image(
+        image_rng(spec.seed, split, index), spec.height, spec.width, spec.difficulty
+    )
+    # compress_level 1: noisy images barely compress further at higher levels, and level 6
+    # triples the encoding time. Fixed level + no optimize keeps the bytes deterministic.
+    Image.fromarray(image).save(image_dir / _file_name(index), format="PNG", compress_level=1)
+    return [(obj.category_id, obj.box_xyxy, obj.visible_area) for obj in objects]
+
+
+def _write_split(out: Path, split: str, count: int, spec: _Spec, bar: tqdm,
+                 pool: Executor | None) -> dict[str, Any]:
     image_dir = out / split
     image_dir.mkdir(parents=True, exist_ok=True)
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    for index in range(count):
-        image, objects, _ = render_image(
-            image_rng(spec.seed, split, index), spec.height, spec.width, spec.difficulty
-        )
-        file_name = _file_name(index)
-        # compress_level 1: noisy images barely compress further at higher levels, and level 6
-        # triples the encoding time. Fixed level + no optimize keeps the bytes deterministic.
-        Image.fromarray(image).save(image_dir / file_name, format="PNG", compress_level=1)
+    tasks = ((image_dir, split, index, spec) for index in range(count))
+    rendered = (pool.map(_render_and_save, tasks, chunksize=16) if pool is not None
+                else map(_render_and_save, tasks))
+    for index, objects in enumerate(rendered):  # in index order either way
         image_id = index + 1
         images.append(
-            {"id": image_id, "file_name": file_name, "width": spec.width, "height": spec.height}
+            {"id": image_id, "file_name": _file_name(index), "width": spec.width,
+             "height": spec.height}
         )
-        for obj in objects:
-            x0, y0, x1, y1 = obj.box_xyxy
+        for category_id, (x0, y0, x1, y1), visible_area in objects:
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
-                    "category_id": obj.category_id,
+                    "category_id": category_id,
                     "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)],
-                    "area": float(obj.visible_area),
+                    "area": float(visible_area),
                     "iscrowd": 0,
                 }
             )
@@ -598,6 +623,7 @@ def generate_dataset(
     difficulty: str = "standard",
     image_size: int | tuple[int, int] = 256,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Write a synthetic detection dataset in COCO layout (see the module docstring).
 
@@ -610,12 +636,18 @@ def generate_dataset(
         difficulty: "easy", "standard" or "hard".
         image_size: side in pixels, or a (height, width) pair; each between 32 and 4096.
         progress: show a tqdm progress bar on stderr.
+        workers: processes that render and encode the images (1: this process only;
+            `default_workers()` is what `dabdetr synth` and `dabdetr demo` use). The files are
+            the same for any count. More than one starts fresh ("spawn") processes, so a
+            script that asks for them must call this under ``if __name__ == "__main__":``.
+            Datasets under PARALLEL_MIN_IMAGES images are made in this process.
 
     Returns:
         {"out_dir", "metadata": path of dataset.json, "train"/"val": {"images_dir",
         "annotations", "num_images", "num_annotations"}, "seconds", "images_per_second"}.
     """
     spec = _make_spec(num_train, num_val, seed, difficulty, image_size)
+    workers = _check_int("workers", workers, 1, "pass 1 or more processes")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {str(out)!r} exists and is not a folder; pass a folder path")
@@ -626,9 +658,13 @@ def generate_dataset(
 
     summary: dict[str, Any] = {"out_dir": str(out), "metadata": str(metadata_path)}
     total = spec.num_train + spec.num_val
-    with tqdm(total=total, disable=not progress, desc="synthetic", unit="img") as bar:
+    parallel = workers > 1 and total >= PARALLEL_MIN_IMAGES
+    # spawn, not fork: the caller may hold threads (torch's) that a forked child must not inherit
+    with (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+          if parallel else contextlib.nullcontext()) as pool, \
+            tqdm(total=total, disable=not progress, desc="synthetic", unit="img") as bar:
         for split, count in zip(SPLITS, (spec.num_train, spec.num_val), strict=True):
-            summary[split] = _write_split(out, split, count, spec, bar)
+            summary[split] = _write_split(out, split, count, spec, bar, pool)
     _write_json_atomic(metadata_path, spec.metadata(), indent=2)
     seconds = time.perf_counter() - start
     summary["seconds"] = seconds
@@ -682,6 +718,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--image-size", type=int, default=256, metavar="PX", help="square image side in pixels"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="processes rendering images (default: the CPUs available, at "
+                             "most 8; the files are the same for any number)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -696,6 +735,7 @@ def run_cli(args: argparse.Namespace) -> int:
             difficulty=args.difficulty,
             image_size=args.image_size,
             progress=not getattr(args, "no_progress", False),
+            workers=default_workers() if getattr(args, "workers", None) is None else args.workers,
         )
     except ValueError as err:
         print(f"dabdetr synth: error: {err}", file=sys.stderr)
