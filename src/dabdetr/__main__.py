@@ -2,4 +2,5 @@ import sys
 
 from dabdetr.cli import main
 
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # not when a spawned worker process imports the main module
+    sys.exit(main(sys.argv[1:]))
