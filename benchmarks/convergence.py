@@ -69,6 +69,7 @@ RECIPES = {
     "nodrop-cls4": _variant(cls_loss_coef=4.0, lr_drop_time=None),
     "nodrop-cls8": _variant(cls_loss_coef=8.0, lr_drop_time=None),
     "nodrop-cls2-alpha0.5": _variant(cls_loss_coef=2.0, focal_alpha=0.5, lr_drop_time=None),
+    "nodrop-cls8-alpha0.5": _variant(cls_loss_coef=8.0, focal_alpha=0.5, lr_drop_time=None),
 }
 
 
