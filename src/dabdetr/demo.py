@@ -83,9 +83,13 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
              resume: bool = False, force: bool = False, device: str | None = None,
              num_train: int | None = None, num_val: int | None = None,
              max_steps: int | None = None, progress: bool = True,
-             recipe_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the demo; returns the summary written to `out/demo.json`."""
-    from dabdetr.data.synthetic import dataset_matches, default_workers, generate_dataset
+             recipe_overrides: dict[str, Any] | None = None,
+             generation_workers: int = 1) -> dict[str, Any]:
+    """Run the demo; returns the summary written to `out/demo.json`. `generation_workers`:
+    processes that make the dataset when it is absent (`dabdetr demo` passes
+    `synthetic.default_workers()`; more than one needs a script's `__main__` guard, as
+    `generate_dataset` says)."""
+    from dabdetr.data.synthetic import dataset_matches, generate_dataset
     from dabdetr.distributed import resolve_device
     from dabdetr.engine.train import TrainConfig, Trainer
 
@@ -101,7 +105,7 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
     if dataset_matches(data, **data_args):
         logger.info("reusing the synthetic dataset in %s", data)
     else:
-        generate_dataset(data, progress=progress, workers=default_workers(), **data_args)
+        generate_dataset(data, progress=progress, workers=generation_workers, **data_args)
     recipe = dict(DEMO_RECIPE)
     if preset:
         recipe["model"] = preset
@@ -222,9 +226,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from dabdetr.data.synthetic import default_workers
+
     result = run_demo(args.out, args.minutes, args.preset, args.seed, args.backbone_weights,
                       args.resume, args.force, args.device, args.train_images, args.val_images,
-                      args.max_steps, progress=not args.no_progress)
+                      args.max_steps, progress=not args.no_progress,
+                      generation_workers=default_workers())
     files = result["files"]
     ap = result["AP"] if result["AP"] is not None else float("nan")
     ap50 = result["AP50"] if result["AP50"] is not None else float("nan")
