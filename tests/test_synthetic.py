@@ -241,3 +241,12 @@ def test_cli_requires_out_and_known_difficulty() -> None:
         _parser().parse_args(["--train", "2"])
     with pytest.raises(SystemExit):
         _parser().parse_args(["--out", "x", "--difficulty", "extreme"])
+
+
+def test_run_cli_rejects_a_worker_count_below_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _parser().parse_args(["--out", str(tmp_path / "x"), "--workers", "0", "--no-progress"])
+    assert run_cli(args) == 2
+    assert "workers must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -46,9 +46,10 @@ def loader_workers(device_type: str, cpus: int | None = None) -> int:
     worker, median 1.05x, in six pairs under the `dabdetr` command's OMP_WAIT_POLICY=PASSIVE,
     and 0.92x-1.20x, median 1.09x, in ten pairs under OpenMP's default (benchmarks/RESULTS.md,
     session 17). Hosts with more cores keep the worker (not measured)."""
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return 0 if device_type == "cpu" and (cpus or 1) <= 2 else 1
+    from dabdetr.data.synthetic import available_cpus
+
+    cpus = available_cpus() if cpus is None else cpus
+    return 0 if device_type == "cpu" and cpus <= 2 else 1
 
 
 class DemoError(ValueError):

@@ -544,11 +544,15 @@ def _file_name(index: int) -> str:
 PARALLEL_MIN_IMAGES = 256
 
 
-def default_workers() -> int:
-    """Processes `generate_dataset` renders with by default: the CPUs this process may use, at
-    most 8."""
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it), at least 1."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cpus or 1, 8))
+    return max(1, cpus or 1)
+
+
+def default_workers() -> int:
+    """Processes `dabdetr synth` and `dabdetr demo` render with: `available_cpus()`, at most 8."""
+    return min(available_cpus(), 8)
 
 
 def _render_and_save(task: tuple[Path, str, int, _Spec]) -> list[tuple[int, tuple, int]]:
