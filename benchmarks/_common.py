@@ -43,6 +43,10 @@ def add_child_arguments(parser, tiny_size: str) -> None:
                         help="how our backbone runs: frozen norms folded into the convolutions "
                              "in channels_last memory, or its modules as they are (auto: the "
                              "library's choice by input size, see dabdetr.models.backbone)")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="CUDA: every side's float32 convolutions in full float32 (torch's "
+                             "default lets cuDNN run them in TF32; float32 matmuls are full "
+                             "float32 by default either way)")
     parser.add_argument("--child-side", help=argparse.SUPPRESS)
     parser.add_argument("--child-weights", help=argparse.SUPPRESS)
 
@@ -55,6 +59,15 @@ def apply_ours_backbone(mode: str) -> list[str]:
     if mode != "auto":
         backbone.FOLD_MIN_MACS_PER_WEIGHT = 0 if mode == "folded" else float("inf")
     return ["--ours-backbone", mode]
+
+
+def apply_tf32(no_tf32: bool) -> list[str]:
+    """Switch TF32 off for CUDA convolutions and matmuls if asked; returns the option to hand
+    on to child processes."""
+    if not no_tf32:
+        return []
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    return ["--no-tf32"]
 
 
 def tiny_config(**overrides) -> DabDetrConfig:
@@ -212,6 +225,8 @@ def machine_info(device: str) -> str:
         pass
     if device.startswith("cuda"):
         parts.append(torch.cuda.get_device_name(device))
+        parts.append(f"TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'}, "
+                     f"matmuls {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}")
     return ", ".join(parts)
 
 

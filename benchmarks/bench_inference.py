@@ -3,7 +3,8 @@
 Builds a DAB-DETR-R50 (DabDetrConfig() defaults, inverse_sigmoid eps 1e-5 as transformers has
 it) with random, well-scaled weights, exports it to a temporary Hugging Face directory and loads
 that in transformers. Then, per image size, batch 1: interleaved forward passes of
-transformers, ours (plain) and ours after `dabdetr.optimize.optimize_for_inference`; ms/img,
+transformers, ours (plain) and ours after `dabdetr.optimize.optimize_for_inference` (on CUDA
+also that model replayed as CUDA graphs, `--optimize cudagraph`); ms/img,
 achieved GFLOP/s (FLOPs counted once with FlopCounterMode) against a 2048^2 matmul measured in
 the same run, the max abs difference of logits and boxes, and peak memory per side measured in
 fresh child processes. With `--authors-repo PATH` (a checkout of IDEA-Research/DAB-DETR) the
@@ -11,7 +12,8 @@ authors' own model runs as a further side ("authors"), with the same weights.
 
     python benchmarks/bench_inference.py                      # R50, 800x1088 and 640x640
     python benchmarks/bench_inference.py --dc5 --sizes 800x1088
-    python benchmarks/bench_inference.py --device cuda
+    python benchmarks/bench_inference.py --device cuda          # + ours-cudagraph
+    python benchmarks/bench_inference.py --device cuda --no-tf32  # convolutions in full fp32
     python benchmarks/bench_inference.py --authors-repo ../DAB-DETR  # + the authors' code
     python benchmarks/bench_inference.py --int8 --bf16        # + the inexact faster modes
     python benchmarks/bench_inference.py --tiny               # CI smoke test (seconds)
@@ -35,7 +37,8 @@ from dabdetr import DabDetrConfig  # noqa: E402
 
 SIDES = ("transformers", "ours", "ours-optimized")
 # our sides and the `--optimize` mode (dabdetr.optimize.optimized) each runs
-OURS_MODES = {"ours": "none", "ours-optimized": "fused", "ours-int8": "int8", "ours-bf16": "bf16"}
+OURS_MODES = {"ours": "none", "ours-optimized": "fused", "ours-int8": "int8", "ours-bf16": "bf16",
+              "ours-cudagraph": "cudagraph"}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     _authors.add_argument(parser)
     _common.add_child_arguments(parser, tiny_size="128x160")
     args = parser.parse_args(argv)
-    backbone_args = _common.apply_ours_backbone(args.ours_backbone)
+    backbone_args = (_common.apply_ours_backbone(args.ours_backbone)
+                     + _common.apply_tf32(args.no_tf32))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.sizes is None:
@@ -142,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# matmul peak (2048^2 fp32): {peak:.0f} GFLOP/s"
           + (" (bf16 can exceed it)" if args.bf16 else ""))
     sides = list(SIDES) + ["ours-int8"] * args.int8 + ["ours-bf16"] * args.bf16
+    if device.startswith("cuda"):  # the fused model replayed as CUDA graphs (GPU only)
+        sides.append("ours-cudagraph")
     if args.authors_repo is not None:
         sides.insert(1, "authors")
 

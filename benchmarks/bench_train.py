@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
                              "dabdetr.models.winograd and benchmarks/bench_winograd.py)")
     _common.add_child_arguments(parser, tiny_size="128x128")
     args = parser.parse_args(argv)
-    backbone_args = _common.apply_ours_backbone(args.ours_backbone)
+    backbone_args = (_common.apply_ours_backbone(args.ours_backbone)
+                     + _common.apply_tf32(args.no_tf32))
     if args.ours_winograd == "off":
         from dabdetr.models import winograd
 

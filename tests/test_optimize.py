@@ -426,6 +426,12 @@ def test_optimized_modes_of_the_command_line():
         optimize_for_inference(model, quantize="int8", bf16=True)
     with pytest.raises(ValueError, match="unknown optimization 'int4'"):
         optimize.optimized(model, "int4")
+    # CUDA graphs (tests/test_cuda.py) are refused on the CPU, before the model changes
+    with pytest.raises(ValueError, match="CUDA graphs run on a CUDA GPU only; this model is on cpu"):
+        optimize.optimized(model, "cudagraph")
+    assert not isinstance(model.backbone.body, FusedResNet)
+    with pytest.raises(ValueError, match="CUDA GPU only"):
+        optimize.CUDAGraphed(model)
 
 
 @pytest.mark.parametrize("name,dilation", [("resnet18", False), ("resnet50", False),

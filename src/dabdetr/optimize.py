@@ -27,6 +27,12 @@ weights, the transformer under bfloat16 autocast (`dabdetr.precision`). On a 2-c
 AMX, DAB-DETR-R50 at 800x1088 took 0.33-0.48 s instead of 1.0-1.1 s; logits move by ~4e-2,
 boxes by ~1e-3.
 
+`cudagraph` (`--optimize cudagraph`, `CUDAGraphed`) is for a GPU and inputs of a fixed size (a
+camera stream, a fixed resize): the fused model's forward is captured once per input shape as a
+CUDA graph and replayed, which removes the per-kernel launch cost that bounds DAB-DETR-R50 at
+batch 1 on a fast GPU. Same arithmetic as `fused`. Each new shape costs a capture (about three
+forward passes), so inputs of many sizes (COCO evaluation) are faster with `fused`.
+
 Not used, measured on a 2-core Xeon: torch.compile (inductor with freezing) made the backbone
 slower than these kernels (1.45 s vs ~1.1 s at 800x1088, 1 thread) and took ~40 s to compile;
 oneDNN weight prepacking gained ~4% but gives wrong results when a caller passes NCHW input.
@@ -36,7 +42,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import warnings
+from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
@@ -45,9 +53,12 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from dabdetr.models.backbone import fused_conv2d
 from dabdetr.models.dab_detr import DabDetr
+from dabdetr.models.outputs import DetectionOutput
 from dabdetr.precision import check_amp
 
-__all__ = ["OPTIMIZE_CHOICES", "FusedConv2d", "FusedResNet", "add_cli_argument",
+logger = logging.getLogger(__name__)
+
+__all__ = ["OPTIMIZE_CHOICES", "CUDAGraphed", "FusedConv2d", "FusedResNet", "add_cli_argument",
            "fold_batch_norm", "optimize_for_inference", "optimized"]
 
 
@@ -169,7 +180,7 @@ class FusedResNet(nn.Module):
 
 
 #: choices of the `--optimize` option of `dabdetr predict` and `dabdetr evaluate`
-OPTIMIZE_CHOICES = ("none", "fused", "int8", "bf16")
+OPTIMIZE_CHOICES = ("none", "fused", "int8", "bf16", "cudagraph")
 
 
 def add_cli_argument(parser: argparse.ArgumentParser) -> None:
@@ -180,19 +191,107 @@ def add_cli_argument(parser: argparse.ArgumentParser) -> None:
              "within float rounding, ~1e-6); int8: fused plus dynamic int8 Linear layers in the "
              "transformer (CPU only; not exact); bf16: fused with bfloat16 convolutions and the "
              "transformer under bfloat16 autocast (CUDA, or a CPU with AVX512-BF16/AMX; not "
-             "exact). Deviations and AP effects: benchmarks/RESULTS.md")
+             "exact); cudagraph: fused, replayed as one CUDA graph per input size (GPU; for "
+             "inputs of one size). Deviations and AP effects: benchmarks/RESULTS.md")
 
 
 def optimized(model: DabDetr, mode: str) -> DabDetr:
     """`mode` as the command line names it: "none" (the model itself), "fused"
-    (`optimize_for_inference`, in place), "int8" (fused plus dynamic int8 Linear layers) or
-    "bf16" (fused with bfloat16 convolution weights, the rest under bfloat16 autocast)."""
+    (`optimize_for_inference`, in place), "int8" (fused plus dynamic int8 Linear layers),
+    "bf16" (fused with bfloat16 convolution weights, the rest under bfloat16 autocast) or
+    "cudagraph" (fused, wrapped in `CUDAGraphed`; CUDA only)."""
     if mode not in OPTIMIZE_CHOICES:
         raise ValueError(f"unknown optimization {mode!r}; choose one of {OPTIMIZE_CHOICES}")
     if mode == "none":
         return model
-    return optimize_for_inference(model, inplace=True, quantize="int8" if mode == "int8" else None,
-                                  bf16=mode == "bf16")
+    if mode == "cudagraph":
+        _check_cuda(model)  # before any change to the model
+    fused = optimize_for_inference(model, inplace=True,
+                                   quantize="int8" if mode == "int8" else None,
+                                   bf16=mode == "bf16")
+    return CUDAGraphed(fused) if mode == "cudagraph" else fused
+
+
+def _check_cuda(model: nn.Module) -> None:
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs run on a CUDA GPU only; this model is on {device}")
+
+
+def _cloned(out: DetectionOutput | None) -> DetectionOutput | None:
+    """A copy of an inference output (no denoising part) that the next replay cannot
+    overwrite."""
+    if out is None:
+        return None
+    return DetectionOutput(out.pred_logits.clone(), out.pred_boxes.clone(),
+                           aux_outputs=[_cloned(a) for a in out.aux_outputs],
+                           enc_outputs=_cloned(out.enc_outputs))
+
+
+class CUDAGraphed(nn.Module):
+    """An inference DabDetr on a GPU whose forward replays a CUDA graph, one per input shape.
+
+    DAB-DETR runs hundreds of small kernels per image; at batch 1 on a fast GPU the time to
+    launch them from Python, not the arithmetic, bounds the forward. The first call with a
+    given (images, mask) shape runs the model twice to warm it up (cuDNN and cuBLAS pick their
+    kernels) and captures a third run as a CUDA graph; every call with that shape then copies
+    its inputs into the graph's and replays it. Outputs are the model's own (the same
+    kernels), returned as fresh tensors.
+
+    Args:
+        model: an inference model on a CUDA device, usually `optimize_for_inference`'s.
+        max_shapes: graphs kept (least recently used dropped); each holds its activations'
+            memory, about one forward's worth.
+
+    The forward always runs under torch.inference_mode(). `config` is the wrapped model's.
+    """
+
+    def __init__(self, model: DabDetr, max_shapes: int = 8):
+        super().__init__()
+        _check_cuda(model)
+        if max_shapes < 1:
+            raise ValueError(f"max_shapes must be at least 1, got {max_shapes}")
+        self.model = model.eval().requires_grad_(False)
+        self.max_shapes = max_shapes
+        self.captures = 0
+        self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @torch.inference_mode()
+    def forward(self, images: Tensor, mask: Tensor) -> DetectionOutput:
+        key = (tuple(images.shape), images.dtype, images.device, tuple(mask.shape))
+        entry = self._graphs.pop(key, None)
+        if entry is None:
+            entry = self._capture(images, mask)
+        self._graphs[key] = entry  # the most recently used last
+        while len(self._graphs) > self.max_shapes:
+            self._graphs.popitem(last=False)
+        static_images, static_mask, graph, out = entry
+        static_images.copy_(images)
+        static_mask.copy_(mask)
+        graph.replay()
+        return _cloned(out)
+
+    def _capture(self, images: Tensor, mask: Tensor) -> tuple:
+        self.captures += 1
+        if self.captures == self.max_shapes + 1:
+            logger.warning("more than %d input shapes: CUDA graphs are being captured again; "
+                           "for inputs of many sizes --optimize fused is faster", self.max_shapes)
+        static_images, static_mask = images.clone(), mask.clone()
+        device = images.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture needs
+            for _ in range(2):
+                self.model(static_images, static_mask)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.model(static_images, static_mask)
+        return static_images, static_mask, graph, out
 
 
 def optimize_for_inference(

@@ -136,16 +136,25 @@ class SeededAugmentation(Dataset):
         return self.dataset[index]
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The random states a resumed run needs: torch's CPU generator, Python's and NumPy's, and
+    on a CUDA `device` that GPU's generator (dropout draws from it there)."""
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                      *np_state[2:]]}
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                       *np_state[2:]]}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore `rng_state`'s states; the CUDA one only onto a CUDA `device` (a run saved on a
+    GPU and resumed on the CPU continues with fresh dropout draws)."""
     torch.set_rng_state(state["torch"])
+    if device is not None and device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     np_state = state["numpy"]
     np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
@@ -352,7 +361,8 @@ class Trainer:
         self.images_seen = ckpt.get("images_seen", 0)
         self.train_seconds = ckpt.get("train_seconds", 0.0)
         if ckpt.get("rng"):
-            set_rng_state(ckpt["rng"][self.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+            set_rng_state(ckpt["rng"][self.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"],
+                          self.device)
         logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
 
     def eval_model(self) -> DabDetr:
@@ -360,7 +370,7 @@ class Trainer:
 
     # -- checkpoints
     def checkpoint(self, name: str) -> Path | None:
-        states = dist.all_gather_objects(rng_state())
+        states = dist.all_gather_objects(rng_state(self.device))
         if not dist.is_main_process():
             return None
         self.out.mkdir(parents=True, exist_ok=True)

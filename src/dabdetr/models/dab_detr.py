@@ -128,9 +128,11 @@ class QuerySelection(nn.Module):
         scores = logits.detach().amax(-1)
         top = scores.topk(k, dim=1).indices  # (B, k)
         anchors = boxes_unsig.detach().gather(1, top[..., None].expand(-1, -1, 4))
-        default = inverse_sigmoid(
-            torch.tensor([0.5, 0.5, self.proposal_size, self.proposal_size],
-                         device=memory.device, dtype=box_dtype), self.eps)
+        # (0.5, 0.5, size, size) filled on the device: no host-to-device copy, which a CUDA
+        # graph capture (dabdetr.optimize.CUDAGraphed) would refuse
+        default = torch.full((4,), self.proposal_size, device=memory.device, dtype=box_dtype)
+        default[:2] = 0.5
+        default = inverse_sigmoid(default, self.eps)
         chosen_invalid = invalid.gather(1, top)[..., None]
         anchors = torch.where(chosen_invalid, default, anchors)
         if k < self.num_queries:
