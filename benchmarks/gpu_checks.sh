@@ -37,7 +37,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 stage tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 stage train_fp32 100 "$py" benchmarks/bench_train.py --device cuda --warmup 3 --reps 20 "${authors[@]}"
 stage train_amp 100 "$py" benchmarks/bench_train.py --device cuda --amp --warmup 3 --reps 20 "${authors[@]}"
-stage inference 130 "$py" benchmarks/bench_inference.py --device cuda --warmup 5 --reps 20 --bf16 \
+stage inference 240 "$py" benchmarks/bench_inference.py --device cuda --warmup 5 --reps 20 --bf16 \
     "${authors[@]}"
 stage inference_no_tf32 50 "$py" benchmarks/bench_inference.py --device cuda --no-tf32 \
     --sizes 800x1088 --warmup 3 --reps 10 --no-memory

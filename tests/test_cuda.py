@@ -219,7 +219,8 @@ def test_commands_on_cuda(data_dir, tmp_path, capsys):
     assert len(plain) > 0
     assert main(["predict", str(tmp_path / "a.png"), "--weights", str(run / "last.pt"),
                  "--out", str(tmp_path / "graph"), "--size", "64", "--device", "cuda",
-                 "--threshold", "0", "--no-draw", "--optimize", "cudagraph"]) == 0
+                 "--threshold", "0", "--optimize", "cudagraph", "--explain", "2"]) == 0
+    assert (tmp_path / "graph" / "images" / "a_attention.jpg").is_file()
     graphed = json.loads((tmp_path / "graph" / "detections.json").read_text())
     assert len(graphed) == len(plain)
     assert max(abs(a["score"] - b["score"]) for a, b in zip(

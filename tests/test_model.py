@@ -216,6 +216,22 @@ def test_predict_cli_explain_writes_attention_grid(tmp_path):
         assert grid.width > 3 * 80
 
 
+def test_explain_runs_the_eager_forward_of_a_cuda_graphed_model(monkeypatch):
+    """Attention hooks never fire in a graph replay: --explain with --optimize cudagraph draws
+    from the wrapped model's eager forward (here on the CPU; explain never replays)."""
+    from PIL import Image
+
+    from dabdetr import optimize
+    from dabdetr.cli import explain_image
+    from dabdetr.inference import Predictor
+
+    monkeypatch.setattr(optimize, "_check_cuda", lambda model: None)
+    graphed = optimize.CUDAGraphed(DabDetr(tiny_config()).eval())
+    predictor = Predictor(graphed, size=64, device="cpu")
+    grid = explain_image(graphed, predictor, Image.new("RGB", (80, 60), "gray"), 3)
+    assert grid.width > 3 * 80 and graphed.captures == 0
+
+
 @pytest.mark.parametrize("overrides", [
     {},
     {"two_stage": True},
