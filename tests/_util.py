@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
+import dabdetr
 from dabdetr.config import DabDetrConfig
 
 
@@ -11,3 +16,27 @@ def tiny_config(**overrides) -> DabDetrConfig:
                   dim_feedforward=64, num_queries=8, num_classes=5)
     values.update(overrides)
     return DabDetrConfig(**values)
+
+
+def perturbed_model(config: DabDetrConfig) -> dabdetr.DabDetr:
+    """A model in eval mode whose every weight is perturbed (no zero-initialized layer hides a
+    difference) and whose frozen batch-norm statistics are non-trivial."""
+    model = dabdetr.DabDetr(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        for name, buf in model.named_buffers():
+            if name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5)
+            elif buf.is_floating_point():
+                buf.add_(torch.randn_like(buf) * 0.1)
+    return model
+
+
+def tiny_dataset(out: Path) -> Path:
+    """16 training and 8 validation images of easy synthetic shapes, 64 px, in `out`."""
+    from dabdetr.data.synthetic import generate_dataset
+
+    generate_dataset(out, num_train=16, num_val=8, seed=1, difficulty="easy", image_size=64,
+                     progress=False)
+    return out

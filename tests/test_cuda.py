@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _util import tiny_config
+from _util import perturbed_model, tiny_config, tiny_dataset
 from PIL import Image
 
 import dabdetr
 from dabdetr.cli import main
-from dabdetr.data.synthetic import generate_dataset
 from dabdetr.engine.train import TrainConfig, Trainer
 from dabdetr.optimize import CUDAGraphed, optimize_for_inference
 
@@ -39,10 +38,7 @@ def _float32_matmuls():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate_dataset(out, num_train=16, num_val=8, seed=1, difficulty="easy", image_size=64,
-                     progress=False)
-    return out
+    return tiny_dataset(tmp_path_factory.mktemp("synth"))
 
 
 def _cfg(data_dir: Path, out: Path, dropout: float = 0.0, **kw) -> TrainConfig:
@@ -56,19 +52,8 @@ def _cfg(data_dir: Path, out: Path, dropout: float = 0.0, **kw) -> TrainConfig:
 
 
 def _model(**overrides) -> dabdetr.DabDetr:
-    """A tiny model whose every weight is perturbed (no zero-initialized layer hides a
-    difference) and whose frozen batch norms are non-trivial."""
     torch.manual_seed(0)
-    model = dabdetr.DabDetr(tiny_config(**overrides)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-        for name, buf in model.named_buffers():
-            if name.endswith("running_var"):
-                buf.uniform_(0.5, 1.5)
-            elif buf.is_floating_point():
-                buf.add_(torch.randn_like(buf) * 0.1)
-    return model
+    return perturbed_model(tiny_config(**overrides))
 
 
 def _batch(device: str = "cpu"):

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from _util import tiny_config
+from _util import perturbed_model, tiny_config
 from torch import nn
 
 import dabdetr
@@ -24,20 +24,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _perturbed(config) -> dabdetr.DabDetr:
-    """Random weights with non-trivial frozen batch-norm statistics."""
-    model = dabdetr.DabDetr(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-        for name, buf in model.named_buffers():
-            if name.endswith("running_var"):
-                buf.uniform_(0.5, 1.5)
-            elif buf.is_floating_point():
-                buf.add_(torch.randn_like(buf) * 0.1)
-    return model
 
 
 def _padded_batch():
@@ -70,7 +56,7 @@ def _assert_close_scaled(a, b, tol):
     ids=["r18", "r50", "dc5", "pad_invariant", "batchnorm"],
 )
 def test_optimized_equals_plain(overrides, monkeypatch):
-    model = _perturbed(tiny_config(**overrides))
+    model = perturbed_model(tiny_config(**overrides))
     fast = optimize_for_inference(model)
     assert isinstance(fast.backbone.body, FusedResNet)
     images, mask = _padded_batch()
@@ -82,7 +68,7 @@ def test_optimized_equals_plain(overrides, monkeypatch):
 
 def test_fallback_convolutions_match(monkeypatch):
     """The F.conv2d path (CUDA, CPU builds without oneDNN) gives the same outputs."""
-    model = _perturbed(tiny_config(backbone="resnet50"))
+    model = perturbed_model(tiny_config(backbone="resnet50"))
     fast = optimize_for_inference(model)
     images, mask = _padded_batch()
     with torch.inference_mode():
@@ -95,7 +81,7 @@ def test_fallback_convolutions_match(monkeypatch):
                     reason="oneDNN takes no bfloat16 on this CPU (needs AVX512 or AVX-NE-CONVERT)")
 def test_bf16_off_onednn_is_close_to_the_onednn_kernels(monkeypatch):
     """bf16=True on the F.conv2d path (CUDA, CPU builds without oneDNN) as on oneDNN's."""
-    fast = optimize_for_inference(_perturbed(tiny_config()), bf16=True)
+    fast = optimize_for_inference(perturbed_model(tiny_config()), bf16=True)
     images, mask = _padded_batch()
     with torch.inference_mode():
         onednn = fast(images, mask)
@@ -108,7 +94,7 @@ def test_bf16_off_onednn_is_close_to_the_onednn_kernels(monkeypatch):
 
 def test_tiny_feature_map():
     """A 32x32 image gives a 1x1 feature map, where NCHW and NHWC strides coincide."""
-    model = _perturbed(tiny_config())
+    model = perturbed_model(tiny_config())
     fast = optimize_for_inference(model)
     images = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
@@ -116,7 +102,7 @@ def test_tiny_feature_map():
 
 
 def test_original_not_mutated_unless_inplace():
-    model = _perturbed(tiny_config())
+    model = perturbed_model(tiny_config())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     body = model.backbone.body
     fast = optimize_for_inference(model)
@@ -131,7 +117,7 @@ def test_original_not_mutated_unless_inplace():
 
 
 def test_input_not_mutated():
-    fast = optimize_for_inference(_perturbed(tiny_config()))
+    fast = optimize_for_inference(perturbed_model(tiny_config()))
     images, mask = _padded_batch()
     copy = images.clone()
     with torch.inference_mode():
@@ -140,7 +126,7 @@ def test_input_not_mutated():
 
 
 def test_int8_runs_and_stays_close():
-    model = _perturbed(tiny_config())
+    model = perturbed_model(tiny_config())
     quantized = optimize_for_inference(model, quantize="int8")
     images, mask = _padded_batch()
     with torch.inference_mode():
@@ -182,7 +168,7 @@ def test_folded_backbone_matches_modules_in_training(monkeypatch):
     # in the other; the one weight gradient it feeds then moves by percents (seen for seeds 0-2
     # of this model, one such ReLU each). The seed is fixed to one without such a tie.
     torch.manual_seed(3)
-    model = _perturbed(tiny_config(backbone="resnet50")).train()
+    model = perturbed_model(tiny_config(backbone="resnet50")).train()
     backbone = model.backbone
     images = torch.randn(2, 3, 64, 96)
     folded = backbone.run_body(images)
@@ -216,7 +202,7 @@ def test_frozen_units_of_the_folded_path_run_fused(monkeypatch, overrides):
     monkeypatch.setattr(backbone_module, "FOLD_MIN_MACS_PER_WEIGHT", 0)
     calls = _count_fused_kernels(monkeypatch)
     torch.manual_seed(3)  # no ReLU ties, see test_folded_backbone_matches_modules_in_training
-    backbone = _perturbed(tiny_config(**overrides)).train().backbone
+    backbone = perturbed_model(tiny_config(**overrides)).train().backbone
     images = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
     given = images.clone()
     convs = [m for m in backbone.body.modules() if isinstance(m, nn.Conv2d)]
@@ -245,7 +231,7 @@ def test_folded_path_without_onednn_kernels_and_under_autocast(monkeypatch):
     autocast casts F.conv2d to bfloat16."""
     monkeypatch.setattr(backbone_module, "FOLD_MIN_MACS_PER_WEIGHT", 0)
     torch.manual_seed(0)
-    backbone = _perturbed(tiny_config(backbone="resnet50")).backbone
+    backbone = perturbed_model(tiny_config(backbone="resnet50")).backbone
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = backbone.body(images)
@@ -315,7 +301,7 @@ def test_folded_training_takes_the_gemm_weight_gradient_where_it_pays(monkeypatc
 
     monkeypatch.setattr(backbone_module._FoldedConv2d, "apply", spy)
     torch.manual_seed(0)
-    backbone = _perturbed(tiny_config(backbone="resnet50")).train().backbone
+    backbone = perturbed_model(tiny_config(backbone="resnet50")).train().backbone
     images = torch.randn(1, 3, 128, 128)
     backbone.run_body(images)
     trained = [m for m in backbone.body.modules()
@@ -343,7 +329,7 @@ def test_flop_counter_counts_the_fused_kernels(monkeypatch):
     `python -m dabdetr.presets` prints it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = _perturbed(tiny_config(backbone="resnet50")).requires_grad_(False)
+    model = perturbed_model(tiny_config(backbone="resnet50")).requires_grad_(False)
     images = torch.randn(1, 3, 64, 96)
 
     def count(m) -> int:
@@ -381,7 +367,7 @@ def test_evaluation_after_training_steps_sees_the_new_weights(overrides):
     tensors without bumping their version counters, so nothing may be cached on those."""
     from dabdetr.engine.train import TrainConfig, build_optimizer
 
-    model = _perturbed(tiny_config(**overrides))
+    model = perturbed_model(tiny_config(**overrides))
     optimizer = build_optimizer(model, TrainConfig(lr=1e-2, lr_backbone=1e-2))
     images, mask = _padded_batch()
     for _ in range(2):
@@ -400,7 +386,7 @@ def test_evaluation_after_training_steps_sees_the_new_weights(overrides):
 
 
 def test_optimized_modes_of_the_command_line():
-    model = _perturbed(tiny_config())
+    model = perturbed_model(tiny_config())
     assert optimize.optimized(model, "none") is model
     images, mask = _padded_batch()
     with torch.inference_mode():
@@ -476,7 +462,7 @@ def test_small_inputs_run_the_modules_as_they_are():
     """Below the folding threshold run_body is exactly the body's own forward, and nothing of
     the folded path is kept for the backward pass (no folded weight copies)."""
     torch.manual_seed(0)
-    model = _perturbed(tiny_config()).train()
+    model = perturbed_model(tiny_config()).train()
     backbone = model.backbone
     images = torch.randn(2, 3, 64, 64)
     assert not backbone_module._folding_pays(images, backbone_module._cost_model(backbone.body))

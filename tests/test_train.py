@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _util import tiny_dataset
 
 import dabdetr
 from dabdetr.cli import main
-from dabdetr.data.synthetic import generate_dataset
 from dabdetr.engine.train import TrainConfig, Trainer, TrainingDiverged, train
 from dabdetr.weights.official import safe_torch_load
 
@@ -27,10 +27,7 @@ TINY = {"num_queries": 10}
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate_dataset(out, num_train=16, num_val=8, seed=1, difficulty="easy", image_size=64,
-                     progress=False)
-    return out
+    return tiny_dataset(tmp_path_factory.mktemp("synth"))
 
 
 def tiny_cfg(data_dir: Path, out: Path, **kw) -> TrainConfig:
