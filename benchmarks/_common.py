@@ -61,13 +61,14 @@ def apply_ours_backbone(mode: str) -> list[str]:
     return ["--ours-backbone", mode]
 
 
-def apply_tf32(no_tf32: bool) -> list[str]:
-    """Switch TF32 off for CUDA convolutions and matmuls if asked; returns the option to hand
-    on to child processes."""
-    if not no_tf32:
-        return []
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    return ["--no-tf32"]
+def apply_child_options(args: argparse.Namespace) -> list[str]:
+    """Apply the options of `add_child_arguments` that change how the sides run (our
+    backbone's mode, TF32 off on CUDA); returns them as arguments for the child processes."""
+    passed = apply_ours_backbone(args.ours_backbone)
+    if args.no_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        passed.append("--no-tf32")
+    return passed
 
 
 def tiny_config(**overrides) -> DabDetrConfig:

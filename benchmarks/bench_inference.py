@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     _authors.add_argument(parser)
     _common.add_child_arguments(parser, tiny_size="128x160")
     args = parser.parse_args(argv)
-    backbone_args = (_common.apply_ours_backbone(args.ours_backbone)
-                     + _common.apply_tf32(args.no_tf32))
+    child_options = _common.apply_child_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.sizes is None:
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = _common.export_for_transformers(_common.random_model(config), Path(tmp) / "hf")
         runs = {side: build_side(side, weights, device, args.authors_repo) for side in sides}
-        child_args = backbone_args + ([] if args.authors_repo is None
+        child_args = child_options + ([] if args.authors_repo is None
                                     else ["--authors-repo", str(args.authors_repo)])
         for h, w in args.sizes:
             bench_size(runs, weights, (h, w), device, warmup, reps, peak, memory, child_args)

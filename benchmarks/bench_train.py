@@ -178,13 +178,12 @@ def main(argv: list[str] | None = None) -> None:
                              "dabdetr.models.winograd and benchmarks/bench_winograd.py)")
     _common.add_child_arguments(parser, tiny_size="128x128")
     args = parser.parse_args(argv)
-    backbone_args = (_common.apply_ours_backbone(args.ours_backbone)
-                     + _common.apply_tf32(args.no_tf32))
+    child_options = _common.apply_child_options(args)
     if args.ours_winograd == "off":
         from dabdetr.models import winograd
 
         winograd.WINOGRAD_RULES = ()
-    backbone_args += ["--ours-winograd", args.ours_winograd]
+    child_options += ["--ours-winograd", args.ours_winograd]
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.size or ((128, 128) if args.tiny else (512, 512))
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"# matmul peak (2048^2 fp32): {peak_before:.0f} GFLOP/s before the steps, "
               f"{_common.matmul_peak_gflops(device):.0f} after")
         if memory:
-            extra = ["--batch", str(args.batch), "--size", f"{size[0]}x{size[1]}", *backbone_args]
+            extra = ["--batch", str(args.batch), "--size", f"{size[0]}x{size[1]}", *child_options]
             if args.authors_repo is not None:
                 extra += ["--authors-repo", str(args.authors_repo)]
             if args.authors_fused_adamw:

@@ -8,6 +8,7 @@ import torch
 
 import dabdetr
 from dabdetr.config import DabDetrConfig
+from dabdetr.engine.train import TrainConfig
 
 
 def tiny_config(**overrides) -> DabDetrConfig:
@@ -40,3 +41,13 @@ def tiny_dataset(out: Path) -> Path:
     generate_dataset(out, num_train=16, num_val=8, seed=1, difficulty="easy", image_size=64,
                      progress=False)
     return out
+
+
+def tiny_cfg(data_dir: Path, out: Path, **kw) -> TrainConfig:
+    """A few-second training run of the `cpu-tiny` preset (10 queries) on `tiny_dataset`."""
+    values = dict(data=str(data_dir), out=str(out), model="cpu-tiny",
+                  model_overrides={"num_queries": 10}, epochs=1000, batch_size=4, lr=1e-3,
+                  lr_backbone=1e-3, lr_drop=[], image_size=64, no_crop=True, num_workers=0,
+                  eval_every=1000, progress=False, seed=3)
+    values.update(kw)
+    return TrainConfig(**values)

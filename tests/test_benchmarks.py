@@ -215,3 +215,26 @@ def test_flop_count_sees_the_fused_backbone(monkeypatch):
         monkeypatch.setattr(backbone, "FOLD_MIN_MACS_PER_WEIGHT", 0)
         folded = _common.count_flops(lambda: model(images))
     assert folded == modules > 0
+
+
+def test_child_options_switch_tf32_off_and_reach_the_children():
+    """--no-tf32 turns TF32 off for CUDA convolutions and matmuls (a no-op for CPU runs) and is
+    handed on, with the backbone mode, to the memory children."""
+    import argparse
+
+    import torch
+
+    common = _benchmark_module("_common")
+    parser = argparse.ArgumentParser()
+    common.add_child_arguments(parser, tiny_size="128x128")
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    try:
+        cudnn.allow_tf32 = matmul.allow_tf32 = True
+        assert common.apply_child_options(parser.parse_args([])) == ["--ours-backbone", "auto"]
+        assert cudnn.allow_tf32 and matmul.allow_tf32
+        off = common.apply_child_options(parser.parse_args(["--no-tf32"]))
+        assert off == ["--ours-backbone", "auto", "--no-tf32"]
+        assert not cudnn.allow_tf32 and not matmul.allow_tf32
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved

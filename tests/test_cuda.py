@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _util import perturbed_model, tiny_config, tiny_dataset
+from _util import perturbed_model, tiny_cfg, tiny_config, tiny_dataset
 from PIL import Image
 
 import dabdetr
@@ -42,13 +42,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def _cfg(data_dir: Path, out: Path, dropout: float = 0.0, **kw) -> TrainConfig:
-    values = dict(data=str(data_dir), out=str(out), model="cpu-tiny",
-                  model_overrides={"num_queries": 10, "dropout": dropout}, epochs=1000,
-                  batch_size=4, lr=1e-3, lr_backbone=1e-3, lr_drop=[], image_size=64,
-                  no_crop=True, num_workers=0,
-                  eval_every=1000, progress=False, seed=3)
-    values.update(kw)
-    return TrainConfig(**values)
+    return tiny_cfg(data_dir, out, model_overrides={"num_queries": 10, "dropout": dropout}, **kw)
 
 
 def _model(**overrides) -> dabdetr.DabDetr:

@@ -147,6 +147,15 @@ def test_cli_optimize_bf16_scores_close_to_float32(tmp_path: Path, weights: Path
     assert max(abs(a - b) for a, b in zip(plain, low, strict=True)) < 2e-2
 
 
+def test_cli_cudagraph_without_a_gpu_is_a_clear_error(tmp_path: Path, weights: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    _noise((64, 48)).save(tmp_path / "a.png")
+    assert _predict_cli([tmp_path / "a.png"], tmp_path / "out", weights,
+                        "--optimize", "cudagraph") == 2
+    assert "CUDA graphs run on a CUDA GPU only; this model is on cpu" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "detections.json").exists()
+
+
 def test_cli_no_draw(tmp_path: Path, weights: Path) -> None:
     _noise((64, 48)).save(tmp_path / "a.png")
     out = tmp_path / "out"

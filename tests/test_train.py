@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from _util import tiny_dataset
+from _util import tiny_cfg, tiny_dataset
 
 import dabdetr
 from dabdetr.cli import main
@@ -28,15 +28,6 @@ TINY = {"num_queries": 10}
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return tiny_dataset(tmp_path_factory.mktemp("synth"))
-
-
-def tiny_cfg(data_dir: Path, out: Path, **kw) -> TrainConfig:
-    values = dict(data=str(data_dir), out=str(out), model="cpu-tiny", model_overrides=dict(TINY),
-                  epochs=1000, batch_size=4, lr=1e-3, lr_backbone=1e-3, lr_drop=[],
-                  image_size=64, no_crop=True, num_workers=0, eval_every=1000, progress=False,
-                  seed=3)
-    values.update(kw)
-    return TrainConfig(**values)
 
 
 def test_overfits_small_dataset_through_cli(data_dir, tmp_path, capsys):

@@ -98,12 +98,9 @@ def explain_image(model, predictor, img, top_k: int):
     import torch
 
     from dabdetr.data.batching import batch_images
-    from dabdetr.optimize import CUDAGraphed
     from dabdetr.postprocessing import postprocess
     from dabdetr.visualize import draw_attention, image_grid, query_attention
 
-    if isinstance(model, CUDAGraphed):  # the attention hooks fire in an eager forward only
-        model = model.model
     tensor = predictor.transform(img).to(predictor.device)
     images, mask = batch_images([tensor])
     outputs, maps = query_attention(model, images, mask)

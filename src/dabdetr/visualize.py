@@ -63,13 +63,19 @@ def query_attention(model, images: Tensor, mask: Tensor | None = None, layer: in
     """What each query looks at: the decoder cross-attention of one layer.
 
     Args:
-        model: a DabDetr in eval mode. images: [B, 3, H, W]; mask: [B, H, W] bool or None.
+        model: a DabDetr in eval mode (or a `dabdetr.optimize.CUDAGraphed` one, whose wrapped
+            model then runs eagerly: hooks do not fire in a graph replay).
+            images: [B, 3, H, W]; mask: [B, H, W] bool or None.
         layer: decoder layer index (default: the last).
     Returns:
         (outputs, maps): the model's DetectionOutput and maps [B, N, h, w] float, the softmax
         attention weights of every query over the feature cells (h, w), averaged over heads;
         each map sums to 1 over the image's valid cells.
     """
+    from dabdetr.optimize import CUDAGraphed
+
+    if isinstance(model, CUDAGraphed):
+        model = model.model
     captured: dict = {}
 
     def on_attention(module, args, output):
