@@ -164,6 +164,15 @@ def test_out_of_range_label_is_named():
         SetCriterion(5)(out, targets)
     with pytest.raises(ValueError, match=r"\[7\]"):
         HungarianMatcher()(out, targets)
+    # the first offending image is named, negative indices too, and empty images pass over
+    out, targets = random_batch([0, 2, 1], num_classes=5)
+    targets[1]["labels"] = torch.tensor([4, -1])
+    targets[2]["labels"] = torch.tensor([5])
+    with pytest.raises(ValueError, match=r"targets\[1\].*\[-1\]"):
+        SetCriterion(5)(out, targets)
+    targets[1]["labels"] = torch.tensor([4, 0])
+    with pytest.raises(ValueError, match=r"targets\[2\].*\[5\]"):
+        SetCriterion(5)(out, targets)
 
 
 def test_weight_dict_covers_every_key_and_extra_keys_ignored():

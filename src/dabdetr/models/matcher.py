@@ -91,12 +91,23 @@ def check_targets(targets: Targets, batch_size: int, num_classes: int) -> None:
             )
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"targets[{i}]['labels'] must be int64, got {labels.dtype}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            bad = labels[(labels < 0) | (labels >= num_classes)].unique().tolist()
-            raise ValueError(
-                f"targets[{i}]['labels'] has class indices {bad} outside [0, {num_classes}); "
-                f"map category ids to indices below num_classes (or raise num_classes)"
-            )
+    # The range check reads the labels' values: one device->host sync for the whole batch
+    # (the matcher runs this once per decoder layer), and the per-image search only on failure.
+    labels = [t["labels"] for t in targets if t["labels"].numel()]
+    if labels and len({lab.device for lab in labels}) == 1:
+        flat = torch.cat(labels)
+        any_bad = bool(((flat < 0) | (flat >= num_classes)).any())
+    else:  # none, or spread over devices: image by image
+        any_bad = any(bool(((lab < 0) | (lab >= num_classes)).any()) for lab in labels)
+    if any_bad:
+        for i, t in enumerate(targets):
+            lab = t["labels"]
+            bad = lab[(lab < 0) | (lab >= num_classes)].unique().tolist()
+            if bad:
+                raise ValueError(
+                    f"targets[{i}]['labels'] has class indices {bad} outside [0, {num_classes}); "
+                    f"map category ids to indices below num_classes (or raise num_classes)"
+                )
 
 
 class HungarianMatcher(nn.Module):
