@@ -63,13 +63,20 @@ RECIPES = {
     "demo-clip0.1": _variant(clip_max_norm=0.1),
     # candidate additions
     "demo+dn": _variant(model_overrides={"dn_groups": 3}),
-    "demo-b8": _variant(batch_size=8),
-    # the classification weight, without the lr drop (compared at fixed images seen; session 16)
-    "nodrop-cls2": _variant(cls_loss_coef=2.0, lr_drop_time=None),
-    "nodrop-cls4": _variant(cls_loss_coef=4.0, lr_drop_time=None),
-    "nodrop-cls8": _variant(cls_loss_coef=8.0, lr_drop_time=None),
-    "nodrop-cls2-alpha0.5": _variant(cls_loss_coef=2.0, focal_alpha=0.5, lr_drop_time=None),
-    "nodrop-cls8-alpha0.5": _variant(cls_loss_coef=8.0, focal_alpha=0.5, lr_drop_time=None),
+    "demo-b16": _variant(batch_size=16),  # the demo's batch until session 19
+    # the classification weight, without the lr drop, at the demo's batch size then (16;
+    # compared at fixed images seen; session 16)
+    "nodrop-cls2": _variant(cls_loss_coef=2.0, lr_drop_time=None, batch_size=16),
+    "nodrop-cls4": _variant(cls_loss_coef=4.0, lr_drop_time=None, batch_size=16),
+    "nodrop-cls8": _variant(cls_loss_coef=8.0, lr_drop_time=None, batch_size=16),
+    "nodrop-cls2-alpha0.5": _variant(cls_loss_coef=2.0, focal_alpha=0.5, lr_drop_time=None,
+                                     batch_size=16),
+    "nodrop-cls8-alpha0.5": _variant(cls_loss_coef=8.0, focal_alpha=0.5, lr_drop_time=None,
+                                     batch_size=16),
+    # session 19: the learning rate and the batch size on top of weight 8
+    "nodrop-cls8-lr2e-3": _variant(cls_loss_coef=8.0, lr=2e-3, lr_backbone=2e-3,
+                                   lr_drop_time=None, batch_size=16),
+    "nodrop-cls8-b8": _variant(cls_loss_coef=8.0, batch_size=8, lr_drop_time=None),
 }
 
 
@@ -87,11 +94,13 @@ def run_one(name: str, data: str, out: Path, minutes: float, seed: int, threads:
 
 
 def load_history(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["type"] == "epoch" and "AP" in r]
+    """The evaluated epoch records of a run (also of one still running)."""
+    from dabdetr.engine.train import read_log
+
+    return [r for r in read_log(run_dir / "metrics.jsonl", "epoch") if "AP" in r]
 
 
-def plot(out: Path, names: list[str]) -> Path:
+def plot(out: Path, names: list[str], title: str | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,6 +125,8 @@ def plot(out: Path, names: list[str]) -> Path:
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = out / "convergence.png"
     fig.savefig(path, dpi=100)
@@ -162,6 +173,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="recipes run in parallel")
     parser.add_argument("--report-only", action="store_true", help="just plot existing runs")
+    parser.add_argument("--title", default=None,
+                        help="the plot's title (say which machine, session and command)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,7 +212,7 @@ def main() -> None:
                           flush=True)
                     running.remove(item)
     print(table(out, args.recipes))
-    print("plot:", plot(out, args.recipes))
+    print("plot:", plot(out, args.recipes, args.title))
 
 
 if __name__ == "__main__":

@@ -397,14 +397,15 @@ def test_curves_read_this_runs_steps_and_skip_a_torn_line(tmp_path, caplog):
     cut short by a killed run is skipped with a warning instead of failing the run's end."""
     from PIL import Image
 
-    from dabdetr.engine.train import plot_history, read_step_log
+    from dabdetr.engine.train import plot_history, read_log
 
     log = tmp_path / "metrics.jsonl"
     steps = [{"type": "step", "step": s, "images_seen": 16 * s, "loss": 10.0 / s,
               "loss_ce": 1.0 / s, "loss_bbox": 0.5 / s, "loss_giou": 0.8 / s} for s in (20, 40, 60)]
-    epochs = [{"type": "epoch", "epoch": 1, "images_seen": 800, "train_loss": 3.0,
+    epochs = [{"type": "epoch", "epoch": 1, "step": 50, "images_seen": 800, "train_loss": 3.0,
                "AP": 0.1, "AP50": 0.2},
-              {"type": "epoch", "epoch": 1, "images_seen": 960, "train_loss": 2.0,  # partial
+              {"type": "epoch", "epoch": 1, "step": 60, "images_seen": 960,  # partial
+               "train_loss": 2.0,
                "AP": 0.15, "AP50": 0.3}]
     earlier_run = [dict(r, step=r["step"] * 9, loss=99.0) for r in steps]
     repeated_after_resume = [dict(steps[2], loss=98.0)]
@@ -413,10 +414,11 @@ def test_curves_read_this_runs_steps_and_skip_a_torn_line(tmp_path, caplog):
              + [json.dumps(epochs[0]), json.dumps(steps[2]), '{"type": "st'])
     log.write_text("\n".join(lines) + "\n")
     with caplog.at_level(logging.WARNING, logger="dabdetr.engine.train"):
-        read = read_step_log(log)
+        read = read_log(log)
     assert read == steps  # neither the earlier run's records nor the repeated step
     assert "skipped 1 unreadable line" in caplog.text
-    assert read_step_log(tmp_path / "absent.jsonl") == []
+    assert read_log(log, "epoch") == epochs[:1]
+    assert read_log(tmp_path / "absent.jsonl") == []
     for name, kwargs in (("dense.png", {"steps": read}), ("epochs.png", {})):
         plot_history(epochs, tmp_path / name, **kwargs)
         with Image.open(tmp_path / name) as image:

@@ -532,7 +532,7 @@ class Trainer:
                    "skipped_images": self.skipped_images,
                    "last": self.history[-1] if self.history else None}
         if dist.is_main_process():
-            plot_history(self.history, self.out / "curves.png", read_step_log(self.metrics_path))
+            plot_history(self.history, self.out / "curves.png", read_log(self.metrics_path))
         return summary
 
     def end_of_epoch(self, running: dict[str, float], started: float, force_eval: bool) -> None:
@@ -567,12 +567,12 @@ def _no_flip(recipe: TransformRecipe):
                                  recipe.crop_size, hflip_prob=0.0)
 
 
-def read_step_log(path: Path) -> list[dict[str, Any]]:
-    """The "step" records of a run's metrics.jsonl, for the curves, in step order: empty if
-    there is none. The file is appended to, so it may also hold the steps a resumed run
-    repeated after its checkpoint, or an earlier run's in the same folder: read from the end,
-    only records whose step comes before the one after them are kept. A line that does not
-    parse (a run killed mid-write) is skipped with a warning."""
+def read_log(path: Path, record_type: str = "step") -> list[dict[str, Any]]:
+    """The records of one type ("step" or "epoch") of a run's metrics.jsonl, in step order:
+    empty if there is none. The file is appended to, so it may also hold the records a resumed
+    run repeated after its checkpoint, or an earlier run's in the same folder: read from the
+    end, only records whose step comes before the one after them are kept. A line that does not
+    parse (a run killed mid-write, or one still writing) is skipped with a warning."""
     if not path.exists():
         return []
     records, bad = [], 0
@@ -582,10 +582,11 @@ def read_step_log(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             bad += 1
             continue
-        if isinstance(record, dict) and record.get("type") == "step":
+        if (isinstance(record, dict) and record.get("type") == record_type
+                and isinstance(record.get("step"), int)):
             records.append(record)
     if bad:
-        logger.warning("%s: skipped %d unreadable line(s) when drawing the curves", path, bad)
+        logger.warning("%s: skipped %d unreadable line(s)", path, bad)
     kept: list[dict[str, Any]] = []
     for record in reversed(records):
         if not kept or record["step"] < kept[-1]["step"]:
