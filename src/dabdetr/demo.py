@@ -19,9 +19,9 @@ DEMO_RECIPE: dict[str, Any] = {
     "model": "cpu-small",  # ResNet-18 cut after layer2, trainable BatchNorm, hidden 128, 2+3
     # layers, 20 queries from query selection (two_stage)
     "model_overrides": {},
-    "batch_size": 8,  # twice the steps of batch 16 per image: on a 2-core AMD EPYC, AP50
-    # 0.545 and 0.600 at the end of the demo for seeds 1 and 0, against 0.458-0.4997 and
-    # 0.529-0.556 with batch 16 (benchmarks/RESULTS.md, session 19)
+    "batch_size": 8,  # twice the steps of batch 16 per image: on a 2-core AMD EPYC, four
+    # seeds ended at AP50 0.514-0.600 (mean 0.555), against 0.458-0.556 (mean 0.524, one seed
+    # under 0.5) with batch 16 (benchmarks/RESULTS.md, session 19)
     "lr": 1e-3,  # 10x the published lr, for everything (backbone trained from scratch)
     "lr_backbone": 1e-3,
     "warmup_steps": 100,
