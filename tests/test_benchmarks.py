@@ -238,3 +238,32 @@ def test_child_options_switch_tf32_off_and_reach_the_children():
         assert not cudnn.allow_tf32 and not matmul.allow_tf32
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+def test_convergence_report_reads_runs_and_titles_the_plot(tmp_path, monkeypatch, capsys):
+    """`convergence.py --report-only --title`: the table at fixed images seen from each run's
+    evaluated epochs (a half-written last line, as in a run still going, is skipped), and the
+    title drawn on the plot; a run without a log gets a row of dashes."""
+    import json
+
+    from PIL import Image, ImageChops
+
+    convergence = _benchmark_module("convergence")
+    run = tmp_path / "b8-seed0"
+    run.mkdir()
+    records = [{"type": "epoch", "epoch": e, "step": 500 * e, "images_seen": 4000 * e,
+                "minutes": 4.5 * e, "AP": 0.1 * e, "AP50": 0.2 * e} for e in (1, 2)]
+    (run / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in records) + '\n{"type": "ep')
+    (tmp_path / "absent").mkdir()
+    monkeypatch.setattr(sys, "argv", ["convergence.py", "--report-only", "--out", str(tmp_path),
+                                      "--recipes", "b8-seed0", "absent", "--title", "session X"])
+    convergence.main()
+    table = capsys.readouterr().out
+    assert "| b8-seed0 | 0.200 / 0.400 | - | 9.0 | 8,000 | 0.200 | 0.400 |" in table
+    assert "| absent | - |" in table
+    titled = Image.open(tmp_path / "convergence.png").convert("RGB")
+    untitled = Image.open(convergence.plot(tmp_path, ["b8-seed0", "absent"])).convert("RGB")
+    assert titled.size == untitled.size
+    top = (0, 0, titled.width, 40)  # the title's band, above the axes
+    assert ImageChops.difference(titled.crop(top), untitled.crop(top)).getbbox() is not None

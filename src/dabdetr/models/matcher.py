@@ -93,13 +93,8 @@ def check_targets(targets: Targets, batch_size: int, num_classes: int) -> None:
             raise ValueError(f"targets[{i}]['labels'] must be int64, got {labels.dtype}")
     # The range check reads the labels' values: one device->host sync for the whole batch
     # (the matcher runs this once per decoder layer), and the per-image search only on failure.
-    labels = [t["labels"] for t in targets if t["labels"].numel()]
-    if labels and len({lab.device for lab in labels}) == 1:
-        flat = torch.cat(labels)
-        any_bad = bool(((flat < 0) | (flat >= num_classes)).any())
-    else:  # none, or spread over devices: image by image
-        any_bad = any(bool(((lab < 0) | (lab >= num_classes)).any()) for lab in labels)
-    if any_bad:
+    flat = torch.cat([t["labels"] for t in targets]) if targets else torch.empty(0)
+    if flat.numel() and bool(((flat < 0) | (flat >= num_classes)).any()):
         for i, t in enumerate(targets):
             lab = t["labels"]
             bad = lab[(lab < 0) | (lab >= num_classes)].unique().tolist()
