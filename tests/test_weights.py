@@ -197,6 +197,14 @@ def test_deformable_checkpoint_gets_a_clear_error(tmp_path):
         dabdetr.load_model(tmp_path / "d.pth")
 
 
+def test_bare_deformable_state_dict_is_named(tmp_path):
+    # no args to tell the model: its multi-scale deformable attention keys do
+    key = "transformer.encoder.layers.0.self_attn.sampling_offsets.weight"
+    torch.save({"input_proj.0.0.weight": torch.zeros(1), key: torch.zeros(1)}, tmp_path / "d.pth")
+    with pytest.raises(ValueError, match=f"Deformable.*{key}.*does not implement"):
+        dabdetr.load_model(tmp_path / "d.pth")
+
+
 def test_bare_state_dict_of_a_layer2_two_stage_model(tmp_path):
     model = DabDetr(tiny_config(backbone_return_layer="layer2", two_stage=True)).eval()
     save_file(model.state_dict(), tmp_path / "sd.safetensors")

@@ -73,8 +73,13 @@ def _from_state_dict(path: Path, state: dict, args: dict | None,
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: 'model' is not a state dict of tensors")
     if args and "deformable" in str(args.get("modelname", "")):
-        raise ValueError(f"{path} is a {args['modelname']} checkpoint (multi-scale deformable "
-                         "attention), which dabdetr does not implement; only DAB-DETR loads")
+        what = args["modelname"]
+    else:  # a bare state dict tells by its multi-scale deformable attention's keys
+        key = next((k for k in state if ".sampling_offsets." in k), None)
+        what = key and f"DAB-Deformable-DETR (key {key})"
+    if what:
+        raise ValueError(f"{path} is a {what} checkpoint (multi-scale deformable attention), "
+                         "which dabdetr does not implement; only DAB-DETR loads")
     iter_update = None
     if official.is_official_state_dict(state):
         state, iter_update = official.official_to_ours(state)
