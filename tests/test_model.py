@@ -156,6 +156,9 @@ def test_bad_config_values():
         tiny_config(backbone="vgg16")
     with pytest.raises(ValueError, match="unknown"):
         tiny_config().replace(hidden_size=3)
+    # refused by the config itself, before any model is built
+    with pytest.raises(ValueError, match="DC5.*cannot be used with layer3 output"):
+        tiny_config(dilation=True, backbone_return_layer="layer3")
 
 
 def test_bad_model_input():

@@ -90,6 +90,9 @@ class DabDetrConfig:
         check("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
         check("backbone_norm", self.backbone_norm, BACKBONE_NORMS)
         check("backbone_return_layer", self.backbone_return_layer, RETURN_LAYERS)
+        if self.dilation and self.backbone_return_layer != "layer4":
+            raise ValueError(f"dilation (DC5) applies to layer4; it cannot be used with "
+                             f"{self.backbone_return_layer} output")
         if self.hidden_dim <= 0 or self.nheads <= 0 or self.hidden_dim % self.nheads:
             raise ValueError(
                 f"hidden_dim ({self.hidden_dim}) must be a positive multiple of nheads ({self.nheads})"
