@@ -138,3 +138,7 @@ def test_one_to_many_matching_of_encoder_proposals():
 def test_layer2_output_refuses_dilation():
     with pytest.raises(ValueError, match="cannot be used with layer2"):
         DabDetr(tiny_config(backbone_return_layer="layer2", dilation=True))
+    from dabdetr.models.backbone import Backbone
+
+    with pytest.raises(ValueError, match="cannot be used with layer2"):  # built directly
+        Backbone("resnet18", dilation=True, return_layer="layer2")

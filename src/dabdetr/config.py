@@ -14,6 +14,13 @@ BACKBONE_NORMS = ("frozen", "batch")
 RETURN_LAYERS = ("layer2", "layer3", "layer4")
 
 
+def check_dilation(dilation: bool, return_layer: str) -> None:
+    """DC5 dilates layer4, so a backbone truncated before it cannot take it: ValueError."""
+    if dilation and return_layer != "layer4":
+        raise ValueError(
+            f"dilation (DC5) applies to layer4; it cannot be used with {return_layer} output")
+
+
 @dataclass
 class DabDetrConfig:
     """Everything that defines a DAB-DETR network (not how it is trained).
@@ -90,9 +97,7 @@ class DabDetrConfig:
         check("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
         check("backbone_norm", self.backbone_norm, BACKBONE_NORMS)
         check("backbone_return_layer", self.backbone_return_layer, RETURN_LAYERS)
-        if self.dilation and self.backbone_return_layer != "layer4":
-            raise ValueError(f"dilation (DC5) applies to layer4; it cannot be used with "
-                             f"{self.backbone_return_layer} output")
+        check_dilation(self.dilation, self.backbone_return_layer)
         if self.hidden_dim <= 0 or self.nheads <= 0 or self.hidden_dim % self.nheads:
             raise ValueError(
                 f"hidden_dim ({self.hidden_dim}) must be a positive multiple of nheads ({self.nheads})"

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
+from ..config import check_dilation
 from .winograd import winograd_conv3x3, winograd_tile
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -403,10 +404,7 @@ class Backbone(nn.Module):
         trainable_layers: int = 3,
     ) -> None:
         super().__init__()
-        if return_layer != "layer4" and dilation:
-            raise ValueError(
-                f"dilation (DC5) applies to layer4; it cannot be used with {return_layer} output"
-            )
+        check_dilation(dilation, return_layer)
         norm_layer: Callable[[int], nn.Module] = _frozen_bn if norm == "frozen" else nn.BatchNorm2d
         builder = getattr(torchvision.models, name)
         bottleneck = name in ("resnet50", "resnet101")
