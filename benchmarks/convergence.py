@@ -26,6 +26,7 @@ from pathlib import Path
 # in benchmarks/RESULTS.md; `dabdetr demo` uses DEMO (src/dabdetr/demo.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dabdetr.demo import DEMO_RECIPE  # noqa: E402
+from dabdetr.engine.train import read_log  # noqa: E402
 
 NAIVE = {  # the issue's baseline: authors' recipe with a trainable ResNet-18 from scratch
     "model": "cpu-small",
@@ -98,8 +99,6 @@ def run_one(name: str, data: str, out: Path, minutes: float, seed: int, threads:
 
 def load_history(run_dir: Path) -> list[dict]:
     """The evaluated epoch records of a run (also of one still running)."""
-    from dabdetr.engine.train import read_log
-
     return [r for r in read_log(run_dir / "metrics.jsonl", "epoch") if "AP" in r]
 
 
