@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -40,6 +41,7 @@ import _authors  # noqa: E402
 import _common  # noqa: E402
 
 from dabdetr import DabDetrConfig  # noqa: E402
+from dabdetr.models import winograd_native  # noqa: E402
 
 # "transformers" trains what DabDetrForObjectDetection trains as shipped: its whole backbone.
 # "transformers-frozen" trains the same parameters as ours (the recipe: stem and layer1 frozen).
@@ -172,10 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--authors-fused-adamw", action="store_true",
                         help="give the authors' side torch's fused AdamW (default: the plain "
                              "torch.optim.AdamW of their main.py)")
-    parser.add_argument("--ours-winograd", choices=["auto", "off"], default="auto",
+    parser.add_argument("--ours-winograd", choices=["auto", "torch", "off"], default="auto",
                         help="off: our backbone computes every 3x3 convolution directly, not "
                              "as Winograd's F(4x4)/F(2x2) where the library would (see "
-                             "dabdetr.models.winograd and benchmarks/bench_winograd.py)")
+                             "dabdetr.models.winograd and benchmarks/bench_winograd.py); torch: "
+                             "Winograd with its transforms as torch ops, not the compiled "
+                             "kernels of dabdetr.models.winograd_native")
     _common.add_child_arguments(parser, tiny_size="128x128")
     args = parser.parse_args(argv)
     child_options = _common.apply_child_options(args)
@@ -183,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         from dabdetr.models import winograd
 
         winograd.WINOGRAD_RULES = ()
+    elif args.ours_winograd == "torch":
+        os.environ[winograd_native.ENV_SWITCH] = "0"  # read on first use, children inherit it
     child_options += ["--ours-winograd", args.ours_winograd]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -206,7 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {name} training step, batch {args.batch} at {size[0]}x{size[1]}, {precision}, "
           f"{device}")
     print(f"# {_common.machine_info(device)}")
-    print(f"# ours: Winograd 3x3 convolutions {args.ours_winograd}")
+    kernels = winograd_native.kernels() if args.ours_winograd == "auto" else None
+    print(f"# ours: Winograd 3x3 convolutions {args.ours_winograd}"
+          + (f", compiled transforms {kernels.path.name}" if kernels else ""))
     # the host's state before and after the timed steps: on a shared machine the same code's
     # times move with its neighbours' load, and this says how fast the machine was meanwhile
     peak_before = _common.matmul_peak_gflops(device)

@@ -11,8 +11,10 @@ summed over input channels, so for all tiles and channel pairs at once it is (m+
 GEMMs, [tiles, C_in] x [C_in, C_out], between cheap linear transforms of the inputs, kernels
 and outputs. F(2x2) does 4/9 of the direct multiplications (2.25x fewer), F(4x4) 1/4 (4x
 fewer), and the same holds for the two backward products, which are the transposed GEMMs of
-the same transforms. Each transform is here one small matrix product with the Kronecker square
-of B^T, G or A^T over every tile at once.
+the same transforms. Where the compiled kernels of models/winograd_native.py load (float32,
+channels divisible by 16: every R50 shape), each transform is one fused pass of generated C over
+the tiles; elsewhere it is one small torch matrix product with the Kronecker square of B^T, G or
+A^T over every tile at once. Both compute the same function to float32 rounding.
 
 The price is accuracy: F(4x4)'s points (0, +-1, +-2, inf) make its float32 results less exact
 than a direct convolution's: up to 8e-6 to 1.1e-5 of the largest value over the output and both
@@ -27,6 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import winograd_native
 
 # Lavin & Gray's transforms, exact in binary floating point except G's sixths for F(4x4).
 _B_T = {
@@ -97,11 +101,19 @@ class _WinogradConv3x3(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, m: int) -> Tensor:
+        native = winograd_native.usable(x, weight)
+        if native is not None:  # the compiled transforms want NHWC data and plain [K] constants
+            x = x.contiguous(memory_format=torch.channels_last)
+            weight, scale, shift = weight.contiguous(), scale.contiguous(), shift.contiguous()
         ctx.save_for_backward(x, weight, scale)
-        ctx.m = m
-        a_t = _transforms(m, x)[2]
+        ctx.m, ctx.native = m, native
         n, _, h, w = x.shape
         k = weight.shape[0]
+        if native is not None:
+            products = torch.bmm(native.input_transform(x, m),
+                                 native.kernel_transform(weight, m).transpose(1, 2))  # (t^2, tiles, K)
+            return native.output_transform(products, m, (n, k, h, w), scale, shift)
+        a_t = _transforms(m, x)[2]
         th, tw, tiles = _tiles_shape(x, m)
         products = torch.bmm(_input_transform(x, m),
                              _kernel_transform(weight, m).transpose(1, 2))  # (t^2, tiles, K)
@@ -120,7 +132,9 @@ class _WinogradConv3x3(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         x, weight, scale = ctx.saved_tensors
-        m = ctx.m
+        m, native = ctx.m, ctx.native
+        if native is not None:
+            return _native_backward(native, ctx.needs_input_grad, grad, x, weight, scale, m)
         t = m + 2
         b_t, g, a_t = _transforms(m, x)
         n, c, h, w = x.shape
@@ -147,6 +161,22 @@ class _WinogradConv3x3(torch.autograd.Function):
             # warm memory, 2-core AMD EPYC; benchmarks/RESULTS.md, session 15)
             grad_weight = (g.t() @ grad_kernels.view(t * t, -1)).t().contiguous().view(weight.shape)
         return grad_x, grad_weight, None, None, None
+
+
+def _native_backward(native: winograd_native.Kernels, needs: tuple[bool, ...], grad: Tensor,
+                     x: Tensor, weight: Tensor, scale: Tensor, m: int):
+    """_WinogradConv3x3.backward through the compiled transforms."""
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    grad_products = native.output_adjoint(grad, m, scale)  # (t^2, tiles, K), scaled
+    grad_x = grad_weight = None
+    if needs[0]:
+        grad_tiles = torch.bmm(grad_products, native.kernel_transform(weight, m))  # (t^2, tiles, C)
+        grad_x = native.input_adjoint(grad_tiles, m, tuple(x.shape))
+    if needs[1]:
+        grad_kernels = torch.bmm(grad_products.transpose(1, 2),
+                                 native.input_transform(x, m))  # (t^2, K, C)
+        grad_weight = native.kernel_adjoint(grad_kernels, m)
+    return grad_x, grad_weight, None, None, None
 
 
 def _overlap_add(grad_tiles: Tensor, m: int, h: int, w: int) -> Tensor:
