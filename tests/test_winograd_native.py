@@ -163,3 +163,23 @@ def test_the_source_has_one_entry_point_per_transform():
         for entry in ("in_tr", "out_tr", "out_adj", "in_adj", "k_tr", "k_adj"):
             assert f"int {entry}{m}(const long *A, void **P, long units, int nt)" in source
     assert "#pragma omp parallel" in source
+
+
+def test_kernels_share_torch_openmp_runtime(kernels):
+    """On Linux the compiled library resolves libgomp to the copy torch already loaded, so the
+    kernels run on torch's threads (one OpenMP runtime in the process)."""
+    runtimes = winograd_native._openmp_runtimes()
+    if not runtimes:
+        pytest.skip("no /proc/self/maps here")
+    assert len(runtimes) == 1, runtimes
+    assert kernels.threaded
+
+
+def test_a_second_openmp_runtime_makes_the_kernels_single_threaded(kernels, monkeypatch, caplog):
+    monkeypatch.setattr(winograd_native, "_openmp_runtimes", lambda: {"/a/libgomp.so.1", "/b/libiomp5.so"})
+    with caplog.at_level(logging.WARNING, logger=winograd_native.__name__):
+        single = winograd_native.Kernels(kernels.path)
+    assert not single.threaded
+    assert "two OpenMP runtimes" in caplog.text
+    x = _case(2, 32, 16, 9, 9)[0]
+    assert torch.equal(single.input_transform(x, 4), kernels.input_transform(x, 4))

@@ -14,7 +14,8 @@ machine with the system C compiler (`$CC`, else `cc`, `gcc` or `clang`; `-O3 -ma
 -fopenmp`) into `$XDG_CACHE_HOME/dabdetr/kernels` (default `~/.cache/dabdetr/kernels`), named by
 a hash of the source, the compiler and the CPU's flags, and loaded with ctypes. The kernels
 split their work over torch's intra-op threads with OpenMP: with torch's Linux wheels the
-library links the libgomp torch ships, so both share one thread pool. After loading, a small
+library links the libgomp torch ships, so both share one thread pool (where a second OpenMP
+runtime gets loaded instead, the kernels run single-threaded, with a warning). After loading, a small
 convolution is checked against the torch formulation; if that, the compiler or the load
 fails, a warning says so once and the torch path runs instead (the same results to float32
 rounding, ~1.5x slower for these convolutions). `DABDETR_NATIVE_KERNELS=0` turns the kernels off.
@@ -332,6 +333,17 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtime libraries mapped into this process (Linux; empty elsewhere)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    names = ("libgomp", "libiomp", "libomp")
+    return {line.split()[-1] for line in maps.splitlines()
+            if "/" in line and any(n in line.rsplit("/", 1)[-1] for n in names)}
+
+
 def build(directory: Path, compiler: str | None = None) -> Path:
     """Compile the kernels into `directory` (created, mode 0700) unless a library for this
     source, compiler and CPU is there already; returns its path. Raises RuntimeError naming the
@@ -374,6 +386,13 @@ class Kernels:
     def __init__(self, path: Path):
         self.path = path
         self._lib = ctypes.CDLL(str(path))
+        # With a second OpenMP runtime in the process (a torch built against another one) the
+        # kernels' threads would compete with torch's instead of taking turns: run them on one.
+        runtimes = _openmp_runtimes()
+        self.threaded = len(runtimes) <= 1
+        if not self.threaded:
+            logger.warning("two OpenMP runtimes loaded (%s): the compiled Winograd kernels run "
+                           "single-threaded", ", ".join(sorted(runtimes)))
         for m in (2, 4):
             for entry in ("in_tr", "out_tr", "out_adj", "in_adj", "k_tr", "k_adj"):
                 fn = getattr(self._lib, f"{entry}{m}")
@@ -385,7 +404,8 @@ class Kernels:
         ints_c = (ctypes.c_long * len(ints))(*ints)
         ptrs = (ctypes.c_void_p * 4)(*[t.data_ptr() if t is not None else None
                                          for t in (tensors + [None] * 4)[:4]])
-        if getattr(self._lib, entry)(ints_c, ptrs, units, torch.get_num_threads()):
+        threads = torch.get_num_threads() if self.threaded else 1
+        if getattr(self._lib, entry)(ints_c, ptrs, units, threads):
             raise MemoryError(f"Winograd kernel {entry}: out of memory for its staging buffer")
 
     @staticmethod
