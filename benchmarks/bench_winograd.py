@@ -6,8 +6,11 @@ gradients of a stride-1 3x3 convolution with a folded frozen norm, computed dire
 Winograd's F(2x2, 3x3) and F(4x4, 3x3) (`dabdetr.models.winograd`). The three alternate within
 each round; prints ms per call, the speed-up over the direct convolution, the largest error of
 each against float64 (relative to the largest value), and the block the backbone picks
-(`winograd_tile`; 0: direct). The default shapes are R50's trained stride-1 3x3 convolutions at
-batch 2, 512x512 (layer2-4), and layer1's (frozen in the recipe).
+(`winograd_tile`; 0: direct). Where the compiled transforms of
+`dabdetr.models.winograd_native` apply (channels divisible by 16), F(m x m) uses them, and
+"F(m x m) torch" runs the same with the transforms as torch ops, for their speed-up. The default
+shapes are R50's trained stride-1 3x3 convolutions at batch 2, 512x512 (layer2-4), and layer1's
+(frozen in the recipe).
 
     python benchmarks/bench_winograd.py
     python benchmarks/bench_winograd.py --shapes 1x256x50 2x512x32   # N x C x S
@@ -25,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+from dabdetr.models import winograd_native  # noqa: E402
 from dabdetr.models.backbone import _FoldedConv2d, _gemm_weight_grad_pays  # noqa: E402
 from dabdetr.models.winograd import winograd_conv3x3, winograd_tile  # noqa: E402
 
@@ -57,14 +61,24 @@ def _inputs(n: int, c: int, s: int, dtype: torch.dtype):
 
 
 def _variants(conv, x, weight, scale, shift):
-    """name -> f(x, weight) for each way of computing the convolution."""
+    """name -> f(x, weight) for each way of computing the convolution: direct, F(2x2) and F(4x4)
+    (with the compiled transforms where they apply), and, where they do, F(m x m) with the
+    transforms as torch ops ("... torch")."""
     gemm = _gemm_weight_grad_pays(conv, x)
     geometry = ((1, 1), (1, 1), (1, 1))
-    return {
+    variants = {
         "direct": lambda x, w: _FoldedConv2d.apply(x, w, scale, shift, *geometry, gemm),
         "F(2x2)": lambda x, w: winograd_conv3x3(x, w, scale, shift, 2),
         "F(4x4)": lambda x, w: winograd_conv3x3(x, w, scale, shift, 4),
     }
+    if winograd_native.usable(x, weight) is not None:
+        for m in (2, 4):
+            def torch_transforms(x, w, m=m):
+                with winograd_native.disabled():
+                    return winograd_conv3x3(x, w, scale, shift, m)
+
+            variants[f"F({m}x{m}) torch"] = torch_transforms
+    return variants
 
 
 def _errors(n: int, c: int, s: int) -> dict[str, float]:
@@ -115,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{_common.time_row(name, seconds)}  {errors[name]:.1e}")
         for name in ("F(2x2)", "F(4x4)"):
             print(_common.ratio_line(f"direct/{name}", times["direct"], times[name]))
+        for name in ("F(2x2)", "F(4x4)"):
+            if f"{name} torch" in times:
+                print(_common.ratio_line(f"{name} torch/{name}", times[f"{name} torch"],
+                                         times[name]))
     print(f"\n# matmul peak after these rounds: {_common.matmul_peak_gflops('cpu'):.0f} GFLOP/s")
 
 

@@ -25,6 +25,7 @@ Only float32 CPU tensors with channel counts divisible by 16 take this path (eve
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -32,6 +33,7 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -511,10 +513,25 @@ def kernels() -> Kernels | None:
     return _STATE["kernels"]
 
 
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block, Winograd convolutions use the torch formulation (to compare the two in
+    one process; the convolution's backward follows its forward's choice)."""
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
+
+
+_disabled = 0
+
+
 def usable(x: Tensor, weight: Tensor) -> Kernels | None:
     """The kernels if they can compute this convolution (float32 on the CPU, input and output
-    channels divisible by LANES), else None."""
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    channels divisible by LANES; not within `disabled()`), else None."""
+    if _disabled or not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.shape[1] % LANES == 0 and weight.shape[0] % LANES == 0):
         return None
     return kernels()
