@@ -76,12 +76,16 @@ def test_compiled_input_and_kernel_transforms(kernels, m):
 
 
 def test_compiled_path_is_taken_only_where_it_applies(kernels):
-    """float32 CPU tensors with channel counts divisible by 16 only."""
+    """float32 CPU tensors with channel counts divisible by 16 only, and not within
+    `disabled()`."""
     assert winograd_native.usable(torch.empty(1, 32, 8, 8), torch.empty(16, 32, 3, 3)) is kernels
     assert winograd_native.usable(torch.empty(1, 24, 8, 8), torch.empty(16, 24, 3, 3)) is None
     assert winograd_native.usable(torch.empty(1, 32, 8, 8), torch.empty(24, 32, 3, 3)) is None
     assert winograd_native.usable(torch.empty(1, 32, 8, 8, dtype=torch.float64),
                                   torch.empty(16, 32, 3, 3, dtype=torch.float64)) is None
+    with winograd_native.disabled():
+        assert winograd_native.usable(torch.empty(1, 32, 8, 8), torch.empty(16, 32, 3, 3)) is None
+    assert winograd_native.usable(torch.empty(1, 32, 8, 8), torch.empty(16, 32, 3, 3)) is kernels
 
 
 def test_odd_channels_still_compute_the_convolution(kernels):
