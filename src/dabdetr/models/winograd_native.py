@@ -183,52 +183,43 @@ static int {name}(const long *A, void **P, long u0, long u1) {{
 }}"""
 
 
-def _kernels_to_points(name: str, mat) -> str:
-    """w [KC, s*s] -> out [r*r, KC]: every 3x3 kernel transformed by L (r x s)."""
+def _kernel_pass(name: str, mat, to_points: bool) -> str:
+    """Every 3x3 kernel (or kernel point set) transformed by L (r x s), LANES kernels at a time:
+    to_points: w [KC, s*s] -> out [r*r, KC], the r*r output rows staged per block of kernels;
+    else: g [s*s, KC] -> w [KC, r*r], the s*s input rows staged per block."""
     r, s = len(mat), len(mat[0])
+    points = r * r if to_points else s * s  # the [points, KC] side, staged
+    if to_points:
+        stage_in, stage_out = "", (
+            f"for (int p = 0; p < {points}; p++)\n"
+            f"      memcpy(out + p * KC + kb, stage + p * {STAGE}, sizeof(float) * (ke - kb));")
+        load = (f"for (int q = 0; q < {s * s}; q++) for (int k = 0; k < {LANES}; k++)\n"
+                f"      d[q / {s}][q % {s}][k] = in[(k0 + k) * {s * s} + q];")
+        store = (f"for (int p = 0; p < {r * r}; p++) for (int k = 0; k < {LANES}; k++)\n"
+                 f"      stage[p * {STAGE} + k0 - kb + k] = o[p / {r}][p % {r}][k];")
+    else:
+        stage_in, stage_out = (
+            f"for (int p = 0; p < {points}; p++)\n"
+            f"      memcpy(stage + p * {STAGE}, in + p * KC + kb, sizeof(float) * (ke - kb));"), ""
+        load = (f"for (int p = 0; p < {s * s}; p++) for (int k = 0; k < {LANES}; k++)\n"
+                f"      d[p / {s}][p % {s}][k] = stage[p * {STAGE} + k0 - kb + k];")
+        store = (f"for (int k = 0; k < {LANES}; k++) for (int q = 0; q < {r * r}; q++)\n"
+                 f"      out[(k0 + k) * {r * r} + q] = o[q / {r}][q % {r}][k];")
     return f"""
 static int {name}(const long *A, void **P, long u0, long u1) {{
-  long KC = A[0]; const float *restrict w = P[0]; float *restrict out = P[1];
-  float *stage = malloc(sizeof(float) * {r * r} * {STAGE});
+  long KC = A[0]; const float *restrict in = P[0]; float *restrict out = P[1];
+  float *stage = malloc(sizeof(float) * {points} * {STAGE});
   if (!stage) return 1;
   {_locals(mat)}
   for (long kb = u0 * {LANES}; kb < u1 * {LANES}; kb += {STAGE}) {{
     long ke = kb + {STAGE} < u1 * {LANES} ? kb + {STAGE} : u1 * {LANES};
+    {stage_in}
     for (long k0 = kb; k0 < ke; k0 += {LANES}) {{
-    for (int q = 0; q < {s * s}; q++) for (int k = 0; k < {LANES}; k++)
-      d[q / {s}][q % {s}][k] = w[(k0 + k) * {s * s} + q];
+    {load}
     {_two_sided(mat)}
-    for (int p = 0; p < {r * r}; p++) for (int k = 0; k < {LANES}; k++)
-      stage[p * {STAGE} + k0 - kb + k] = o[p / {r}][p % {r}][k];
+    {store}
     }}
-    for (int p = 0; p < {r * r}; p++)
-      memcpy(out + p * KC + kb, stage + p * {STAGE}, sizeof(float) * (ke - kb));
-  }}
-  free(stage);
-  return 0;
-}}"""
-
-
-def _points_to_kernels(name: str, mat) -> str:
-    """g [s*s, KC] -> w [KC, r*r]: every kernel point set transformed by L (r x s)."""
-    r, s = len(mat), len(mat[0])
-    return f"""
-static int {name}(const long *A, void **P, long u0, long u1) {{
-  long KC = A[0]; const float *restrict g = P[0]; float *restrict w = P[1];
-  float *stage = malloc(sizeof(float) * {s * s} * {STAGE});
-  if (!stage) return 1;
-  {_locals(mat)}
-  for (long kb = u0 * {LANES}; kb < u1 * {LANES}; kb += {STAGE}) {{
-    long ke = kb + {STAGE} < u1 * {LANES} ? kb + {STAGE} : u1 * {LANES};
-    for (int p = 0; p < {s * s}; p++)
-      memcpy(stage + p * {STAGE}, g + p * KC + kb, sizeof(float) * (ke - kb));
-    for (long k0 = kb; k0 < ke; k0 += {LANES}) {{
-    for (int p = 0; p < {s * s}; p++) for (int k = 0; k < {LANES}; k++)
-      d[p / {s}][p % {s}][k] = stage[p * {STAGE} + k0 - kb + k];
-    {_two_sided(mat)}
-    for (int k = 0; k < {LANES}; k++) for (int q = 0; q < {r * r}; q++)
-      w[(k0 + k) * {r * r} + q] = o[q / {r}][q % {r}][k];
-    }}
+    {stage_out}
   }}
   free(stage);
   return 0;
@@ -285,8 +276,8 @@ def source() -> str:
             _points_to_tiles(f"out_tr{m}_part", a_t, m, 0, affine=True),
             _points_to_tiles(f"in_adj{m}_tiles", _transpose(b_t), m, -1, affine=False),
             _rows(f"in_adj{m}_part", f"in_adj{m}_tiles"),
-            _kernels_to_points(f"k_tr{m}_part", g),
-            _points_to_kernels(f"k_adj{m}_part", _transpose(g)),
+            _kernel_pass(f"k_tr{m}_part", g, to_points=True),
+            _kernel_pass(f"k_adj{m}_part", _transpose(g), to_points=False),
         ]
         for entry in ("in_tr", "out_adj", "out_tr", "k_tr", "k_adj"):
             parts.append(f"int {entry}{m}(const long *A, void **P, long units, int nt) "
