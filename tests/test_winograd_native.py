@@ -154,10 +154,11 @@ def test_environment_switch_turns_the_kernels_off(monkeypatch):
 
 
 def test_a_wrong_library_is_refused(kernels, monkeypatch, tmp_path):
-    """The check after loading catches a library that computes something else."""
-    monkeypatch.setattr(winograd_native.Kernels, "input_transform",
-                        lambda self, x, m: torch.zeros((m + 2) ** 2, 1, 1))
-    with pytest.raises(RuntimeError, match="input transform"):
+    """The check after loading (a small convolution, forward and both gradients, against
+    torch's direct one) catches a library that computes something else."""
+    monkeypatch.setattr(winograd_native.Kernels, "input_adjoint",
+                        lambda self, grad_tiles, m, shape: torch.zeros(shape))
+    with pytest.raises(RuntimeError, match="input gradient is off"):
         winograd_native.load(tmp_path / "kernels")
 
 

@@ -110,9 +110,7 @@ class _WinogradConv3x3(torch.autograd.Function):
         n, _, h, w = x.shape
         k = weight.shape[0]
         if native is not None:
-            products = torch.bmm(native.input_transform(x, m),
-                                 native.kernel_transform(weight, m).transpose(1, 2))  # (t^2, tiles, K)
-            return native.output_transform(products, m, (n, k, h, w), scale, shift)
+            return native.conv3x3(x, weight, scale, shift, m)
         a_t = _transforms(m, x)[2]
         th, tw, tiles = _tiles_shape(x, m)
         products = torch.bmm(_input_transform(x, m),
@@ -134,7 +132,8 @@ class _WinogradConv3x3(torch.autograd.Function):
         x, weight, scale = ctx.saved_tensors
         m, native = ctx.m, ctx.native
         if native is not None:
-            return _native_backward(native, ctx.needs_input_grad, grad, x, weight, scale, m)
+            return (*native.conv3x3_backward(grad, x, weight, scale, m, *ctx.needs_input_grad[:2]),
+                    None, None, None)
         t = m + 2
         b_t, g, a_t = _transforms(m, x)
         n, c, h, w = x.shape
@@ -161,22 +160,6 @@ class _WinogradConv3x3(torch.autograd.Function):
             # warm memory, 2-core AMD EPYC; benchmarks/RESULTS.md, session 15)
             grad_weight = (g.t() @ grad_kernels.view(t * t, -1)).t().contiguous().view(weight.shape)
         return grad_x, grad_weight, None, None, None
-
-
-def _native_backward(native: winograd_native.Kernels, needs: tuple[bool, ...], grad: Tensor,
-                     x: Tensor, weight: Tensor, scale: Tensor, m: int):
-    """_WinogradConv3x3.backward through the compiled transforms."""
-    grad = grad.contiguous(memory_format=torch.channels_last)
-    grad_products = native.output_adjoint(grad, m, scale)  # (t^2, tiles, K), scaled
-    grad_x = grad_weight = None
-    if needs[0]:
-        grad_tiles = torch.bmm(grad_products, native.kernel_transform(weight, m))  # (t^2, tiles, C)
-        grad_x = native.input_adjoint(grad_tiles, m, tuple(x.shape))
-    if needs[1]:
-        grad_kernels = torch.bmm(grad_products.transpose(1, 2),
-                                 native.input_transform(x, m))  # (t^2, K, C)
-        grad_weight = native.kernel_adjoint(grad_kernels, m)
-    return grad_x, grad_weight, None, None, None
 
 
 def _overlap_add(grad_tiles: Tensor, m: int, h: int, w: int) -> Tensor:
