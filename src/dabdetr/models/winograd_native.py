@@ -15,10 +15,11 @@ machine with the system C compiler (`$CC`, else `cc`, `gcc` or `clang`; `-O3 -ma
 a hash of the source, the compiler and the CPU's flags, and loaded with ctypes. The kernels
 split their work over torch's intra-op threads with OpenMP: with torch's Linux wheels the
 library links the libgomp torch ships, so both share one thread pool (where a second OpenMP
-runtime gets loaded instead, the kernels run single-threaded, with a warning). After loading, a small
-convolution is checked against the torch formulation; if that, the compiler or the load
-fails, a warning says so once and the torch path runs instead (the same results to float32
-rounding, ~1.5x slower for these convolutions). `DABDETR_NATIVE_KERNELS=0` turns the kernels off.
+runtime gets loaded instead, the kernels run single-threaded, with a warning). After loading,
+a small convolution through every kernel (forward and both gradients) is checked against torch's
+direct one; if that, the compiler or the load fails, a warning says so once and the torch path
+runs instead (the same results to float32 rounding, ~1.2x-1.8x slower for these convolutions).
+`DABDETR_NATIVE_KERNELS=0` turns the kernels off.
 
 Only float32 CPU tensors with channel counts divisible by 16 take this path (every R50 shape).
 """
