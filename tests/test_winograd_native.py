@@ -14,9 +14,14 @@ from dabdetr.models.winograd import winograd_conv3x3
 
 @pytest.fixture(scope="module")
 def kernels():
+    """The process's kernels. Skips only without a C compiler: where there is one, a failure to
+    build or check them fails the tests, with the reason."""
     loaded = winograd_native.kernels()
     if loaded is None:
-        pytest.skip("the compiled Winograd kernels could not be built here (see the warning)")
+        if winograd_native._compiler() is None:
+            pytest.skip("no C compiler here: the compiled Winograd kernels cannot be built")
+        winograd_native.load()  # raises the error that made kernels() fall back
+        pytest.fail("kernels() fell back although load() works")
     return loaded
 
 
@@ -188,3 +193,17 @@ def test_a_second_openmp_runtime_makes_the_kernels_single_threaded(kernels, monk
     assert "two OpenMP runtimes" in caplog.text
     x = _case(2, 32, 16, 9, 9)[0]
     assert torch.equal(single.input_transform(x, 4), kernels.input_transform(x, 4))
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "convolution"])
+def test_first_use_anywhere_loads_the_kernels(kernels, monkeypatch, context):
+    """The kernels load (and pass their check) whether first asked for under no_grad, in
+    inference mode, or, as in training, inside the Winograd convolution's own forward."""
+    monkeypatch.setattr(winograd_native, "_STATE", {})
+    if context == "convolution":
+        x, weight, scale, shift, _ = _case(1, 32, 16, 8, 8)
+        winograd_conv3x3(x.requires_grad_(True), weight.requires_grad_(True), scale, shift, 4)
+        assert winograd_native._STATE["kernels"] is not None
+        return
+    with torch.no_grad() if context == "no_grad" else torch.inference_mode():
+        assert winograd_native.kernels() is not None

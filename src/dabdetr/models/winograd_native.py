@@ -496,6 +496,13 @@ def _self_check(kernels: Kernels) -> None:
     """A small convolution through every kernel, forward and both gradients, against torch's
     direct convolution (F(4x4)'s float32 error is ~1e-5 of the largest value; a miscompiled or
     wrong kernel is off by far more)."""
+    # the first use may come from inside an autograd Function's forward (grad off) or from
+    # inference mode; the reference gradients need neither
+    with torch.inference_mode(False), torch.enable_grad():
+        _check_convolutions(kernels)
+
+
+def _check_convolutions(kernels: Kernels) -> None:
     gen = torch.Generator().manual_seed(0)
     for m in (2, 4):
         x = torch.randn(2, 32, 7, 10, generator=gen).contiguous(memory_format=torch.channels_last)
