@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from dabdetr.models import winograd_native  # noqa: E402
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = ("bench_inference.py", "bench_train.py", "bench_matcher.py", "bench_winograd.py")
 NO_MEMORY_OPTION = ("bench_matcher.py", "bench_winograd.py")
@@ -51,6 +53,12 @@ def test_benchmarks_tiny():
                      results["bench_train.py"].stdout, re.MULTILINE), results["bench_train.py"].stdout
     assert re.search(r"^# matmul peak after these rounds: \d+ GFLOP/s",
                      results["bench_inference.py"].stdout, re.MULTILINE)
+    if winograd_native.kernels() is not None:
+        # the compiled Winograd transforms in the training step, and beside the torch ones for
+        # bench_winograd's 16-channel shape
+        assert "compiled transforms winograd_" in results["bench_train.py"].stdout
+        for m in (2, 4):
+            assert f"ratio F({m}x{m}) torch/F({m}x{m})" in results["bench_winograd.py"].stdout
 
 
 @pytest.mark.slow
@@ -83,18 +91,20 @@ def test_forced_modes_of_our_backbone():
     assert "# ours: Winograd 3x3 convolutions auto" in outputs["bench_train.py"]
 
 
-def test_training_benchmark_without_winograd():
+@pytest.mark.parametrize("mode", ["off", "torch"])
+def test_training_benchmark_without_winograd(mode):
     """--ours-winograd off: our folded backbone computes its 3x3 convolutions directly (at the
     smoke-test size the folded R18 would take F(2x2) for layer3), in the timed steps and in
-    the memory children."""
+    the memory children. torch: Winograd with the torch transforms, not the compiled ones."""
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_train.py"), "--tiny", "--threads", "1",
-         "--ours-backbone", "folded", "--ours-winograd", "off", "--memory"],
+         "--ours-backbone", "folded", "--ours-winograd", mode, "--memory"],
         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
         timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "# ours: Winograd 3x3 convolutions off" in result.stdout
+    assert f"# ours: Winograd 3x3 convolutions {mode}" in result.stdout
     assert RATIO.search(result.stdout) and "peak" in result.stdout, result.stdout
+    assert "compiled transforms" not in result.stdout
 
 
 def test_inexact_modes_tiny():
@@ -172,7 +182,7 @@ def test_unknown_backbone_mode_is_refused_before_any_work(capsys):
 
 
 def test_bad_winograd_options_are_refused_before_any_work(capsys):
-    """bench_train's --ours-winograd takes auto or off; bench_winograd's --shapes takes
+    """bench_train's --ours-winograd takes auto, torch or off; bench_winograd's --shapes takes
     N x C x S with every size at least 1, and names the bad shape."""
     with pytest.raises(SystemExit):
         _benchmark_module("bench_train").main(["--tiny", "--ours-winograd", "on"])

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import winograd_native
+from .winograd_native import tiles_shape
 
 # Lavin & Gray's transforms, exact in binary floating point except G's sixths for F(4x4).
 _B_T = {
@@ -61,20 +62,13 @@ def _transforms(m: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _TRANSFORMS[key]
 
 
-def _tiles_shape(x: Tensor, m: int) -> tuple[int, int, int]:
-    """(tile rows, tile columns, tiles) covering x [N, C, H, W] with m x m output blocks."""
-    n, _, h, w = x.shape
-    th, tw = -(-h // m), -(-w // m)
-    return th, tw, n * th * tw
-
-
 def _input_transform(x: Tensor, m: int) -> Tensor:
     """B^T d B for every (m+2)^2 input tile d of x [N, C, H, W] zero-padded by 1 (and up to a
     whole number of blocks): [t^2, tiles, C], tiles in (n, tile row, tile column) order."""
     b_t = _transforms(m, x)[0]
     t = m + 2
     n, c, h, w = x.shape
-    th, tw, tiles = _tiles_shape(x, m)
+    th, tw, tiles = tiles_shape(x.shape, m)
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + tw * m - w, 1, 1 + th * m - h))
     d = padded.unfold(1, t, m).unfold(2, t, m)  # (N, th, tw, C, t, t), overlapping windows
     d = d.permute(4, 5, 0, 1, 2, 3).reshape(t * t, tiles * c)  # one copy
@@ -107,12 +101,12 @@ class _WinogradConv3x3(torch.autograd.Function):
             weight, scale, shift = weight.contiguous(), scale.contiguous(), shift.contiguous()
         ctx.save_for_backward(x, weight, scale)
         ctx.m, ctx.native = m, native
-        n, _, h, w = x.shape
-        k = weight.shape[0]
         if native is not None:
             return native.conv3x3(x, weight, scale, shift, m)
+        n, _, h, w = x.shape
+        k = weight.shape[0]
         a_t = _transforms(m, x)[2]
-        th, tw, tiles = _tiles_shape(x, m)
+        th, tw, tiles = tiles_shape(x.shape, m)
         products = torch.bmm(_input_transform(x, m),
                              _kernel_transform(weight, m).transpose(1, 2))  # (t^2, tiles, K)
         blocks = (a_t @ products.view(-1, tiles * k)).view(m, m, n, th, tw, k)
@@ -138,7 +132,7 @@ class _WinogradConv3x3(torch.autograd.Function):
         b_t, g, a_t = _transforms(m, x)
         n, c, h, w = x.shape
         k = weight.shape[0]
-        th, tw, tiles = _tiles_shape(x, m)
+        th, tw, tiles = tiles_shape(x.shape, m)
         # the output transform's adjoint: A (x) A on each m x m block of the output gradient
         grad = grad.permute(0, 2, 3, 1)  # (N, H, W, K)
         if (th * m, tw * m) != (h, w):
@@ -220,7 +214,7 @@ def winograd_tile(conv: nn.Conv2d, x: Tensor) -> int:
         return 0
     channels = min(conv.in_channels, conv.out_channels)
     for m, min_channels, min_tiles, max_tiles in WINOGRAD_RULES:
-        tiles = _tiles_shape(x, m)[2]
+        tiles = tiles_shape(x.shape, m)[2]
         if channels >= min_channels and min_tiles <= tiles <= (max_tiles or tiles):
             return m
     return 0

@@ -31,10 +31,11 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -46,6 +47,14 @@ LANES = 16  # channels per inner loop: two AVX2 (or one AVX-512) float32 vectors
 STAGE = 2048  # floats per tile point staged in one block (keeps the 16-36 streams sequential)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "DABDETR_NATIVE_KERNELS"
+
+
+def tiles_shape(shape: Sequence[int], m: int) -> tuple[int, int, int]:
+    """(tile rows, tile columns, tiles) covering a tensor of shape (N, C, H, W) with m x m
+    output blocks."""
+    n, _, h, w = shape
+    th, tw = -(-h // m), -(-w // m)
+    return th, tw, n * th * tw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,8 +331,6 @@ def _cpu_flags() -> str:
                 return line
     except OSError:
         pass
-    import platform
-
     return platform.processor() or platform.machine()
 
 
@@ -403,15 +410,17 @@ class Kernels:
             raise MemoryError(f"Winograd kernel {entry}: out of memory for its staging buffer")
 
     @staticmethod
-    def _geometry(n: int, c: int, h: int, w: int, m: int) -> tuple[list[int], int]:
-        th, tw = -(-h // m), -(-w // m)
-        return [n, h, w, c, th, tw], n * th * tw
+    def _geometry(shape: Sequence[int], m: int) -> tuple[list[int], int]:
+        """The tile kernels' integer arguments {N, H, W, C, tile rows, tile columns} for a
+        tensor of shape (N, C, H, W), and the number of tiles."""
+        n, c, h, w = shape
+        th, tw, tiles = tiles_shape(shape, m)
+        return [n, h, w, c, th, tw], tiles
 
     def input_transform(self, x: Tensor, m: int) -> Tensor:
         """x [N, C, H, W] channels_last -> B^T d B of every input tile [t^2, tiles, C]."""
-        n, c, h, w = x.shape
-        ints, tiles = self._geometry(n, c, h, w, m)
-        out = x.new_empty((m + 2) ** 2, tiles, c)
+        ints, tiles = self._geometry(x.shape, m)
+        out = x.new_empty((m + 2) ** 2, tiles, x.shape[1])
         self._run(f"in_tr{m}", ints, [x, out], tiles)
         return out
 
@@ -419,8 +428,7 @@ class Kernels:
                          scale: Tensor, shift: Tensor) -> Tensor:
         """products [t^2, tiles, K] -> shift + scale * A^T P A, [N, K, H, W] channels_last
         (shape = (N, K, H, W))."""
-        n, k, h, w = shape
-        ints, tiles = self._geometry(n, k, h, w, m)
+        ints, tiles = self._geometry(shape, m)
         y = torch.empty(shape, dtype=products.dtype, memory_format=torch.channels_last)
         self._run(f"out_tr{m}", ints, [products, y, scale, shift], tiles)
         return y
@@ -428,9 +436,8 @@ class Kernels:
     def output_adjoint(self, grad: Tensor, m: int, scale: Tensor) -> Tensor:
         """grad [N, K, H, W] channels_last -> A (scale * g) A^T of every output block
         [t^2, tiles, K]."""
-        n, k, h, w = grad.shape
-        ints, tiles = self._geometry(n, k, h, w, m)
-        out = grad.new_empty((m + 2) ** 2, tiles, k)
+        ints, tiles = self._geometry(grad.shape, m)
+        out = grad.new_empty((m + 2) ** 2, tiles, grad.shape[1])
         self._run(f"out_adj{m}", ints, [grad, out, scale], tiles)
         return out
 
@@ -438,8 +445,8 @@ class Kernels:
         """grad_tiles [t^2, tiles, C] -> the input gradient [N, C, H, W] channels_last: B G B^T
         of every tile, added over the overlapping tiles (shape = (N, C, H, W))."""
         n, c, h, w = shape
-        ints, _ = self._geometry(n, c, h, w, m)
-        grad_x = torch.zeros(shape[0], h, w, c, dtype=grad_tiles.dtype).permute(0, 3, 1, 2)
+        ints, _ = self._geometry(shape, m)
+        grad_x = torch.zeros(n, h, w, c, dtype=grad_tiles.dtype).permute(0, 3, 1, 2)
         self._run(f"in_adj{m}", ints, [grad_tiles, grad_x], 0)
         return grad_x
 
