@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,16 +11,12 @@ from dabdetr.models.criterion import SetCriterion
 from dabdetr.models.matcher import HungarianMatcher
 from dabdetr.models.outputs import DetectionOutput
 
-# CI clones the repo next to `shared/`: shared is a sibling of the repo root.
-GOLDEN_IO = Path(__file__).resolve().parents[2] / "shared" / "golden" / "tiny_r18" / "io.pt"
 NUM_CLASSES = 91
 
 
 @pytest.fixture(scope="module")
-def golden() -> dict:
-    if not GOLDEN_IO.is_file():
-        pytest.skip(f"golden vectors not found at {GOLDEN_IO} (shared/ must sit next to the repo)")
-    return torch.load(GOLDEN_IO, weights_only=True)
+def golden(golden_dir) -> dict:
+    return torch.load(golden_dir / "io.pt", weights_only=True)
 
 
 def golden_outputs(io: dict) -> DetectionOutput:
