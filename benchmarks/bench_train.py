@@ -19,7 +19,6 @@ warm-up step, which creates the optimizer state).
     python benchmarks/bench_train.py                       # R50, batch 2 at 512x512, CPU
     python benchmarks/bench_train.py --device cuda --amp   # bf16 autocast
     python benchmarks/bench_train.py --authors-repo ../DAB-DETR  # + the authors' code
-    python benchmarks/bench_train.py --keep-freed-memory   # malloc as the dabdetr command
     python benchmarks/bench_train.py --tiny                # CI smoke test
 """
 
