@@ -8,7 +8,7 @@ import torch
 
 import dabdetr
 from dabdetr.config import DabDetrConfig
-from dabdetr.engine.train import TrainConfig
+from dabdetr.engine.config import TrainConfig
 
 
 def tiny_config(**overrides) -> DabDetrConfig:

@@ -20,7 +20,8 @@ from PIL import Image
 
 import dabdetr
 from dabdetr.cli import main
-from dabdetr.engine.train import TrainConfig, Trainer
+from dabdetr.engine.config import TrainConfig
+from dabdetr.engine.trainer import Trainer
 from dabdetr.optimize import CUDAGraphed, optimize_for_inference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

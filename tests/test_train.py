@@ -19,7 +19,9 @@ from _util import tiny_cfg, tiny_dataset
 
 import dabdetr
 from dabdetr.cli import main
-from dabdetr.engine.train import TrainConfig, Trainer, TrainingDiverged, train
+from dabdetr.engine.config import TrainConfig
+from dabdetr.engine.train import train
+from dabdetr.engine.trainer import Trainer, TrainingDiverged
 from dabdetr.weights.official import safe_torch_load
 
 TINY = {"num_queries": 10}
@@ -309,7 +311,7 @@ def test_killed_training_leaves_loadable_checkpoint(data_dir, tmp_path):
 
 def test_cli_switches_reach_the_config():
     from dabdetr.cli import build_parser
-    from dabdetr.engine.train import config_from_args
+    from dabdetr.engine.config import config_from_args
 
     args = build_parser().parse_args([
         "train", "--data", "d", "--dn-groups", "3", "--dn-box-noise", "0.3", "--match-repeat",
@@ -362,7 +364,7 @@ def test_bad_recipe_switches_are_refused_clearly(data_dir, tmp_path):
 def test_optimizer_is_fused_adamw_with_the_same_update():
     """`build_optimizer` uses torch's fused AdamW on CPU; one step moves every parameter as the
     per-parameter AdamW does (up to float rounding), with the backbone's own learning rate."""
-    from dabdetr.engine.train import build_optimizer
+    from dabdetr.engine.schedule import build_optimizer
 
     torch.manual_seed(0)
     model = dabdetr.DabDetr(dabdetr.DabDetrConfig(
@@ -397,7 +399,7 @@ def test_curves_read_this_runs_steps_and_skip_a_torn_line(tmp_path, caplog):
     cut short by a killed run is skipped with a warning instead of failing the run's end."""
     from PIL import Image
 
-    from dabdetr.engine.train import plot_history, read_log
+    from dabdetr.engine.runlog import plot_history, read_log
 
     log = tmp_path / "metrics.jsonl"
     steps = [{"type": "step", "step": s, "images_seen": 16 * s, "loss": 10.0 / s,
@@ -413,7 +415,7 @@ def test_curves_read_this_runs_steps_and_skip_a_torn_line(tmp_path, caplog):
              + [json.dumps(r) for r in repeated_after_resume]  # logged, then resumed before it
              + [json.dumps(epochs[0]), json.dumps(steps[2]), '{"type": "st'])
     log.write_text("\n".join(lines) + "\n")
-    with caplog.at_level(logging.WARNING, logger="dabdetr.engine.train"):
+    with caplog.at_level(logging.WARNING, logger="dabdetr.engine.runlog"):
         read = read_log(log)
     assert read == steps  # neither the earlier run's records nor the repeated step
     assert "skipped 1 unreadable line" in caplog.text

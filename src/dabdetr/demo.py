@@ -94,7 +94,8 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
     `generate_dataset` says)."""
     from dabdetr.data.synthetic import dataset_matches, generate_dataset
     from dabdetr.distributed import resolve_device
-    from dabdetr.engine.train import TrainConfig, Trainer
+    from dabdetr.engine.config import TrainConfig
+    from dabdetr.engine.trainer import Trainer
 
     started = time.time()
     out = Path(out)
