@@ -320,12 +320,73 @@ def test_cli_switches_reach_the_config():
         "dilation=true"])
     cfg = config_from_args(args)
     assert cfg.model_overrides == {"num_queries": 50, "dilation": True, "dn_groups": 3,
-                                   "dn_label_noise": 0.2, "dn_box_noise": 0.3, "two_stage": True}
+                                   "dn_box_noise": 0.3, "two_stage": True}
     assert cfg.match_repeat == 2 and cfg.no_multi_scale and cfg.recipe().scales == (800,)
     assert (cfg.ema_decay, cfg.accumulate) == (0.99, 2)
     assert (cfg.enc_match_repeat, cfg.lr_drop_time) == (3, 0.8)
     with pytest.raises(ValueError, match="KEY=VALUE"):
         config_from_args(build_parser().parse_args(["train", "--data", "d", "--set", "oops"]))
+    defaults = config_from_args(build_parser().parse_args(["train", "--data", "d"]))
+    assert defaults == TrainConfig(data="d")  # every default is TrainConfig's own
+    assert not config_from_args(build_parser().parse_args(
+        ["train", "--data", "d", "--no-progress"])).progress
+
+
+def _train_parser():
+    import argparse
+
+    from dabdetr.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices["train"]
+
+
+def test_every_train_config_field_has_a_switch_with_help():
+    import dataclasses
+
+    actions = {a.dest: a for a in _train_parser()._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert f.name in actions, f"TrainConfig.{f.name} has no `dabdetr train` switch"
+        assert actions[f.name].option_strings, f.name
+    for action in actions.values():
+        assert action.help and action.help.strip() and action.help != "==SUPPRESS==", action.dest
+    entries: list[list[str]] = []  # [switch, help text] as `dabdetr train --help` prints them
+    for line in _train_parser().format_help().split("options:")[1].splitlines():
+        if line.startswith("  -"):
+            switch, _, text = line.strip().partition("  ")
+            entries.append([switch, text.strip()])
+        elif line.strip():
+            entries[-1][1] += line.strip()
+    assert len(entries) == len(actions)
+    assert all(text for _, text in entries), [switch for switch, text in entries if not text]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--batch-size", "0"], "argument --batch-size: must be > 0, got 0"),
+    (["--accumulate", "-1"], "argument --accumulate: must be > 0, got -1"),
+    (["--eval-every", "0"], "argument --eval-every: must be > 0"),
+    (["--epochs", "0"], "argument --epochs: must be > 0"),
+    (["--time-limit", "-5"], "argument --time-limit: must be > 0"),
+    (["--focal-alpha", "1.5"], "argument --focal-alpha: must be in [0, 1], got 1.5"),
+    (["--dn-label-noise", "2"], "argument --dn-label-noise: must be in [0, 1]"),
+    (["--lr-drop-time", "0"], "argument --lr-drop-time: must be in (0, 1]"),
+    (["--ema-decay", "1"], "argument --ema-decay: must be in [0, 1)"),
+    (["--lr-drop", "10", "-2"], "argument --lr-drop: must be >= 0, got -2"),
+    (["--num-workers", "x"], "argument --num-workers: invalid int value: 'x'"),
+])
+def test_out_of_range_switches_are_refused_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", "d", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_config_refuses_out_of_range_values():
+    with pytest.raises(ValueError, match=r"batch_size=0: must be > 0"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"lr_drop=\[10, -1\]: must be >= 0"):
+        TrainConfig(lr_drop=[10, -1])
 
 
 def test_time_based_lr_drop(data_dir, tmp_path, monkeypatch):

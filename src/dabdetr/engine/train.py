@@ -28,6 +28,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train or fine-tune on a COCO-format dataset (torchrun-ready)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_arguments(p)
+    p.add_argument("--resume", default=None,
+                   help="a last.pt/best.pt of this run to continue exactly")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if "
+                   "available); under torchrun each process takes cuda:LOCAL_RANK")
     p.set_defaults(func=_cmd_train)
 
 
