@@ -48,34 +48,47 @@ def assert_identical(a: Any, b: Any, where: str = "") -> None:
         assert a == b, where
 
 
-def _three_runs(data_dir: Path, root: Path, first_stop: dict[str, int], **kw: Any) -> None:
-    """An uninterrupted 7-step run in root/full; in root/split a run stopped by `first_stop`,
-    then resumed to 7 steps after the global generator was reseeded."""
-    Trainer(tiny_cfg(data_dir, root / "full", max_steps=7, **kw)).fit()
-    Trainer(tiny_cfg(data_dir, root / "split", **{**kw, **first_stop})).fit()
+STEPS = 6  # an epoch is 4 steps (16 images, batch 4): the runs cross an epoch boundary
+
+
+def _uninterrupted(data_dir: Path, out: Path, **kw: Any) -> Path:
+    Trainer(tiny_cfg(data_dir, out, max_steps=STEPS, **kw)).fit()
+    return out / "last.pt"
+
+
+def _interrupted(data_dir: Path, out: Path, first_stop: dict[str, int], **kw: Any) -> Path:
+    """A run stopped by `first_stop`, then resumed to STEPS steps after the global generator
+    was reseeded."""
+    Trainer(tiny_cfg(data_dir, out, **{**kw, **first_stop})).fit()
     torch.manual_seed(12345)
-    resumed = Trainer(tiny_cfg(data_dir, root / "split", max_steps=7, **kw),
-                      resume=str(root / "split" / "last.pt"))
+    resumed = Trainer(tiny_cfg(data_dir, out, max_steps=STEPS, **kw),
+                      resume=str(out / "last.pt"))
+    assert resumed.step > 0
     resumed.fit()
+    return out / "last.pt"
 
 
-def _compare_checkpoints(root: Path) -> None:
-    full = safe_torch_load(root / "full" / "last.pt")
-    resumed = safe_torch_load(root / "split" / "last.pt")
-    assert full["step"] == resumed["step"] == 7
+def _compare_checkpoints(full_path: Path, resumed_path: Path) -> None:
+    full, resumed = safe_torch_load(full_path), safe_torch_load(resumed_path)
+    assert full["step"] == resumed["step"] == STEPS
     for key in EXACT:
         assert_identical(full[key], resumed[key], key)
 
 
-# mid-epoch: 4 steps make an epoch (16 images, batch 4); epoch boundary: the first run ends
-# with its first epoch (and evaluates, which an uninterrupted run does not do there)
-STOPS = {"mid-epoch": {"max_steps": 3}, "epoch-boundary": {"epochs": 1}}
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory) -> Path:
+    return _uninterrupted(data_dir, tmp_path_factory.mktemp("full"), **RANDOM_RUN)
+
+
+# mid-epoch: the first run stops after 2 of an epoch's 4 steps; epoch boundary: it ends with
+# its first epoch (and evaluates there, which the uninterrupted run does not)
+STOPS = {"mid-epoch": {"max_steps": 2}, "epoch-boundary": {"epochs": 1}}
 
 
 @pytest.mark.parametrize("stop", STOPS.values(), ids=STOPS.keys())
-def test_resume_is_exact_with_workers_dropout_denoising_ema_amp(data_dir, tmp_path, stop):
-    _three_runs(data_dir, tmp_path, stop, **RANDOM_RUN)
-    _compare_checkpoints(tmp_path)
+def test_resume_is_exact_with_workers_dropout_denoising_ema_amp(data_dir, tmp_path, stop,
+                                                                 uninterrupted):
+    _compare_checkpoints(uninterrupted, _interrupted(data_dir, tmp_path, stop, **RANDOM_RUN))
 
 
 def _ddp_worker(rank: int, world: int, rendezvous: str, data_dir: str, root: str) -> None:
@@ -84,15 +97,18 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, data_dir: str, root: str
     # a file rendezvous: no port to pick (and race for) before the processes start
     torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}",
                                          rank=rank, world_size=world)
-    _three_runs(Path(data_dir), Path(root), {"max_steps": 3}, batch_size=2, **RANDOM_RUN)
+    root, kw = Path(root), dict(batch_size=2, **RANDOM_RUN)
+    _uninterrupted(Path(data_dir), root / "full", **kw)
+    _interrupted(Path(data_dir), root / "split", {"max_steps": 2}, **kw)
     dabdetr.distributed.destroy()
 
 
+@pytest.mark.slow  # two spawned processes, each with a loader worker: over a minute here
 def test_resume_is_exact_under_two_processes(data_dir, tmp_path):
     """Two gloo processes (as torchrun starts them), each with its own loader worker: the
     resumed run's weights, optimizer and every process's random states equal the
     uninterrupted run's."""
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(data_dir), str(tmp_path)),
              nprocs=2, join=True)
-    _compare_checkpoints(tmp_path)
+    _compare_checkpoints(tmp_path / "full" / "last.pt", tmp_path / "split" / "last.pt")
     assert len(safe_torch_load(tmp_path / "full" / "last.pt")["rng"]) == 2

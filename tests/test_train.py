@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -405,12 +406,40 @@ def test_time_based_lr_drop(data_dir, tmp_path, monkeypatch):
 
     trainer.train_step = step
     trainer.fit()
-    assert trainer.scheduler.lr_lambdas[0].time_dropped
+    assert trainer.scheduler.dropped
     # lr after each step: the drop comes once 300 s of the 600 s limit have passed
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4])
     assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-4, 1e-4])
     ckpt = safe_torch_load(tmp_path / "run" / "last.pt")
-    assert ckpt["scheduler"]["lr_lambdas"][0]["time_dropped"] is True  # survives --resume
+    assert ckpt["scheduler"] == {"step": 4, "dropped": True}  # survives --resume
+    resumed = Trainer(tiny_cfg(data_dir, tmp_path / "run", max_steps=5, time_limit=10.0,
+                               lr_drop_time=0.5), resume=str(tmp_path / "run" / "last.pt"))
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([1e-4, 1e-4])
+
+
+def test_schedule_warms_up_and_drops_by_epoch_and_by_time():
+    """The lr of each group: a linear warm-up from 0.1%, x gamma at each drop step, x gamma
+    once more after a time-based drop; its state round-trips through state_dict."""
+    from dabdetr.engine.schedule import LrSchedule
+
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.AdamW([{"params": params[:1], "lr": 1.0},
+                                   {"params": params[1:], "lr": 0.5}])
+    schedule = LrSchedule(optimizer, warmup_steps=4, drop_steps=[6], gamma=0.1)
+    lrs = []
+    for _ in range(8):
+        lrs.append(optimizer.param_groups[1]["lr"])
+        schedule.step()
+    expected = [0.5 * (0.001 + 0.999 * s / 4) for s in range(4)] + [0.5, 0.5, 0.05, 0.05]
+    assert lrs == pytest.approx(expected)
+    assert schedule.drop() and not schedule.drop()  # once only
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.005])
+    state = schedule.state_dict()
+    again = LrSchedule(optimizer, warmup_steps=4, drop_steps=[6], gamma=0.1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001)  # step 0 of the warm-up
+    again.load_state_dict(state)
+    assert (again.step_count, again.dropped) == (8, True)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.005])
 
 
 def test_bad_recipe_switches_are_refused_clearly(data_dir, tmp_path):
@@ -490,18 +519,25 @@ def test_curves_read_this_runs_steps_and_skip_a_torn_line(tmp_path, caplog):
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(data_dir, tmp_path):
     """SeededAugmentation seeds the CPU generator per sample: the same sample in the training
-    process and in a loader worker, whatever the global RNG state, and another one next epoch."""
+    process and in a loader worker, whatever the global RNG state, and another one next epoch;
+    loading leaves the global generators as they were."""
     trainer = Trainer(tiny_cfg(data_dir, tmp_path / "run", image_size=48, no_crop=False,
                                no_multi_scale=False))
 
     def samples(workers: int, epoch: int) -> list[torch.Tensor]:
-        trainer.seeded.epoch = epoch
+        trainer.seeded.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(trainer.seeded, batch_size=None, num_workers=workers,
-                                             collate_fn=lambda sample: sample)
+                                             collate_fn=lambda sample: sample,
+                                             generator=torch.Generator())
         return [image for image, _ in loader]
 
     torch.manual_seed(123)
+    random.seed(7)
+    expected_torch, expected_python = torch.rand(3), random.random()
+    torch.manual_seed(123)
+    random.seed(7)
     here = samples(0, epoch=0)
+    assert torch.equal(torch.rand(3), expected_torch) and random.random() == expected_python
     torch.manual_seed(456)
     assert all(torch.equal(a, b) for a, b in zip(here, samples(0, epoch=0), strict=True))
     in_worker = samples(1, epoch=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -18,7 +19,14 @@ from tqdm import tqdm
 from dabdetr import distributed as dist
 from dabdetr.data.coco import CocoDetection, collate, resolve_split
 from dabdetr.data.transforms import TransformRecipe
-from dabdetr.engine.checkpoint import atomic_save, rng_state, seed_everything, set_rng_state
+from dabdetr.engine.checkpoint import (
+    atomic_save,
+    rank_rng,
+    read_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from dabdetr.engine.config import TrainConfig
 from dabdetr.engine.evaluate import config_with_categories, run_evaluation
 from dabdetr.engine.evaluator import CocoEvaluator, load_coco_gt
@@ -77,10 +85,9 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.out = Path(cfg.out)
         seed_everything(cfg.seed, cfg.deterministic)
-        if cfg.lr_drop_time is not None and not (0 < cfg.lr_drop_time <= 1
-                                                 and cfg.time_limit is not None):
-            raise ValueError(f"lr_drop_time={cfg.lr_drop_time} needs a time limit and a value in "
-                             "(0, 1]: the fraction of --time-limit after which the lr drops")
+        if cfg.lr_drop_time is not None and cfg.time_limit is None:
+            raise ValueError(f"lr_drop_time={cfg.lr_drop_time} needs a time limit: it is the "
+                             "fraction of --time-limit after which the lr drops")
         self.amp_dtype = check_amp(cfg.amp, self.device)  # None: float32
 
         recipe = cfg.recipe()
@@ -120,12 +127,16 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = EpochSampler(len(self.train_set), True, cfg.seed, self.rank, self.world)
         self.seeded = SeededAugmentation(self.train_set, cfg.seed)
+        # the training loader's own generator (it seeds the loader's workers), and its state
+        # when the current epoch's loader drew from it: what a mid-epoch checkpoint saves
+        self.loader_generator = torch.Generator().manual_seed(cfg.seed)
+        self.loader_epoch_state = self.loader_generator.get_state()
         self.steps_per_epoch = max(1, -(-len(self.sampler) // (cfg.batch_size * cfg.accumulate)))
         drops = [e * self.steps_per_epoch for e in cfg.lr_drop]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, LrSchedule(cfg.warmup_steps, drops, cfg.lr_gamma))
+        self.scheduler = LrSchedule(self.optimizer, cfg.warmup_steps, drops, cfg.lr_gamma)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         self.ema = None
+        self.time_limit = cfg.time_limit  # minutes; fit(time_limit=...) may set another
         if cfg.ema_decay > 0:
             self.ema = torch.optim.swa_utils.AveragedModel(
                 self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
@@ -153,12 +164,7 @@ class Trainer:
             logger.info("initialised from %s (%d tensors)", source, report.loaded)
 
     def _resume(self, path: str) -> None:
-        from dabdetr.weights.official import safe_torch_load
-
-        ckpt = safe_torch_load(path)
-        for key in ("model", "optimizer", "scheduler", "epoch", "step", "config"):
-            if key not in ckpt:
-                raise ValueError(f"{path} is not a dabdetr training checkpoint (no {key!r})")
+        ckpt = read_checkpoint(path)
         if ckpt["config"] != self.model.config.to_dict():
             raise ValueError(f"{path} was trained with another model config; cannot resume")
         self.model.load_state_dict(ckpt["model"])
@@ -178,9 +184,13 @@ class Trainer:
         self.history = list(ckpt.get("history", []))
         self.images_seen = ckpt.get("images_seen", 0)
         self.train_seconds = ckpt.get("train_seconds", 0.0)
-        if ckpt.get("rng"):
-            set_rng_state(ckpt["rng"][self.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"],
-                          self.device)
+        rng = rank_rng(ckpt, self.rank)
+        if rng is None:
+            logger.warning("%s holds no random state for process %d: it continues with fresh "
+                           "draws (not exactly as an uninterrupted run)", path, self.rank)
+        elif "train_loader" in (generators := set_rng_state(rng, self.device)):
+            self.loader_generator.set_state(generators["train_loader"])
+            self.loader_epoch_state = generators["train_loader"]
         logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
 
     def eval_model(self) -> DabDetr:
@@ -188,7 +198,11 @@ class Trainer:
 
     # -- checkpoints
     def checkpoint(self, name: str) -> Path | None:
-        states = dist.all_gather_objects(rng_state(self.device))
+        # mid-epoch, the loader generator's state before this epoch's loader drew: a resumed
+        # run makes that loader again, which draws the same (its workers get the same seeds)
+        loader_state = (self.loader_generator.get_state() if self.batch_in_epoch == 0
+                        else self.loader_epoch_state)
+        states = dist.all_gather_objects(rng_state(self.device, {"train_loader": loader_state}))
         if not dist.is_main_process():
             return None
         self.out.mkdir(parents=True, exist_ok=True)
@@ -220,28 +234,26 @@ class Trainer:
     # -- the loop
     def _loader(self) -> DataLoader:
         self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * self.cfg.batch_size)
-        self.seeded.epoch = self.epoch
+        self.seeded.set_epoch(self.epoch)
+        self.loader_epoch_state = self.loader_generator.get_state()
         return DataLoader(self.seeded, batch_size=self.cfg.batch_size, sampler=self.sampler,
                           collate_fn=collate, num_workers=self.cfg.num_workers,
-                          persistent_workers=False, pin_memory=self.device.type == "cuda")
+                          persistent_workers=False, pin_memory=self.device.type == "cuda",
+                          generator=self.loader_generator)
 
     def _maybe_drop_lr_by_time(self, started: float) -> None:
-        cfg, schedule = self.cfg, self.scheduler.lr_lambdas[0]
-        if (cfg.lr_drop_time is None or cfg.time_limit is None or schedule.time_dropped
-                or (time.time() - started) / 60 < cfg.lr_drop_time * cfg.time_limit):
+        cfg = self.cfg
+        if (cfg.lr_drop_time is None or self.time_limit is None
+                or (time.time() - started) / 60 < cfg.lr_drop_time * self.time_limit):
             return
-        schedule.time_dropped = True  # shared by every parameter group; saved in checkpoints
-        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
-                                  strict=True):  # at once, not from the next step
-            group["lr"] = base_lr * schedule(self.scheduler.last_epoch)
-        logger.info("lr x %g after %.0f%% of the time limit (step %d)", cfg.lr_gamma,
-                    100 * cfg.lr_drop_time, self.step)
+        if self.scheduler.drop():  # at once, not from the next step; saved in checkpoints
+            logger.info("lr x %g after %.0f%% of the time limit (step %d)", cfg.lr_gamma,
+                        100 * cfg.lr_drop_time, self.step)
 
     def _budget_left(self, started: float) -> bool:
-        cfg = self.cfg
-        if cfg.max_steps is not None and self.step >= cfg.max_steps:
+        if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
             return False
-        if cfg.time_limit is not None and (time.time() - started) / 60 >= cfg.time_limit:
+        if self.time_limit is not None and (time.time() - started) / 60 >= self.time_limit:
             return False
         return True
 
@@ -292,12 +304,20 @@ class Trainer:
         self.images_seen += n_images * self.world
         return totals
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, time_limit: float | None = None) -> dict[str, Any]:
+        """Train until cfg.epochs, cfg.max_steps or the time limit (minutes of training in
+        all, a resumed run's earlier ones included; default cfg.time_limit) is reached, with an
+        evaluation and a checkpoint at every epoch's end and at the stop. Returns a summary:
+        epochs, steps, images_seen, minutes, best_AP, skipped_images and the last epoch record.
+        """
         cfg = self.cfg
+        if time_limit is not None:
+            self.time_limit = time_limit
         started = time.time() - self.train_seconds
         if dist.is_main_process():
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            ran = dataclasses.replace(cfg, time_limit=self.time_limit)
+            (self.out / "train_config.json").write_text(json.dumps(ran.to_dict(), indent=2))
         logger.info("training %s (%.1f M params) on %d images, %d classes, %d step(s)/epoch, "
                     "device %s x %d", cfg.model, self.model.num_parameters() / 1e6,
                     len(self.train_set), self.categories.num_classes, self.steps_per_epoch,
