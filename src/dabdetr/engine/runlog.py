@@ -11,6 +11,20 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+class RunLog:
+    """The metrics.jsonl of a run in `folder`: one JSON record a line, appended to (a resumed
+    run goes on writing the same file); only the main process writes."""
+
+    def __init__(self, folder: Path, write: bool = True):
+        self.path, self.write = Path(folder) / "metrics.jsonl", write
+
+    def append(self, record: dict[str, Any]) -> None:
+        if self.write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
 def read_log(path: Path, record_type: str = "step") -> list[dict[str, Any]]:
     """The records of one type ("step" or "epoch") of a run's metrics.jsonl, in step order:
     empty if there is none. The file is appended to, so it may also hold the records a resumed

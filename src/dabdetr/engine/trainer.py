@@ -30,7 +30,7 @@ from dabdetr.engine.checkpoint import (
 from dabdetr.engine.config import TrainConfig
 from dabdetr.engine.evaluate import config_with_categories, run_evaluation
 from dabdetr.engine.evaluator import CocoEvaluator, load_coco_gt
-from dabdetr.engine.runlog import plot_history, read_log
+from dabdetr.engine.runlog import RunLog, plot_history, read_log
 from dabdetr.engine.sampling import EpochSampler, SeededAugmentation
 from dabdetr.engine.schedule import LrSchedule, build_optimizer
 from dabdetr.models.criterion import SetCriterion
@@ -84,6 +84,7 @@ class Trainer:
         self.device = dist.init_from_env(device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.out = Path(cfg.out)
+        self.log = RunLog(self.out, write=dist.is_main_process())
         seed_everything(cfg.seed, cfg.deterministic)
         if cfg.lr_drop_time is not None and cfg.time_limit is None:
             raise ValueError(f"lr_drop_time={cfg.lr_drop_time} needs a time limit: it is the "
@@ -220,17 +221,6 @@ class Trainer:
         atomic_save(ckpt, path)
         return path
 
-    @property
-    def metrics_path(self) -> Path:
-        """The run's log: one JSON record a line, appended to (steps, epochs)."""
-        return self.out / "metrics.jsonl"
-
-    def _log(self, record: dict[str, Any]) -> None:
-        if dist.is_main_process():
-            self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
     # -- the loop
     def _loader(self) -> DataLoader:
         self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * self.cfg.batch_size)
@@ -351,7 +341,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{running['loss']:.3f}",
                                 lr=f"{self.optimizer.param_groups[0]['lr']:.1e}")
                 if self.step % cfg.log_every == 0:
-                    self._log({"type": "step", "epoch": self.epoch, "step": self.step,
+                    self.log.append({"type": "step", "epoch": self.epoch, "step": self.step,
                                "images_seen": self.images_seen,
                                "minutes": (time.time() - started) / 60,
                                "lr": self.optimizer.param_groups[0]["lr"], **losses})
@@ -370,7 +360,7 @@ class Trainer:
                    "skipped_images": self.skipped_images,
                    "last": self.history[-1] if self.history else None}
         if dist.is_main_process():
-            plot_history(self.history, self.out / "curves.png", read_log(self.metrics_path))
+            plot_history(self.history, self.out / "curves.png", read_log(self.log.path))
         return summary
 
     def end_of_epoch(self, running: dict[str, float], started: float, force_eval: bool) -> None:
@@ -394,7 +384,7 @@ class Trainer:
                 evaluator.save_results(self.out / "val_detections.json")
         else:
             self.history.append(record)
-        self._log(record)
+        self.log.append(record)
         self.checkpoint("last.pt")
 
 
