@@ -25,7 +25,7 @@ from pathlib import Path
 # (src/dabdetr/demo.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dabdetr.demo import DEMO_RECIPE  # noqa: E402
-from dabdetr.engine.train import read_log  # noqa: E402
+from dabdetr.engine.runlog import read_log  # noqa: E402
 
 NAIVE = {  # the authors' recipe with a trainable ResNet-18 from scratch
     "model": "cpu-small",
@@ -86,7 +86,8 @@ def run_one(name: str, data: str, out: Path, minutes: float, seed: int, threads:
     import torch
 
     torch.set_num_threads(threads)
-    from dabdetr.engine.train import TrainConfig, Trainer
+    from dabdetr.engine.config import TrainConfig
+    from dabdetr.engine.trainer import Trainer
 
     recipe = dict(RECIPES[name])
     cfg = TrainConfig(data=data, out=str(out / name), epochs=10_000, time_limit=minutes,

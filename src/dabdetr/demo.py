@@ -94,7 +94,8 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
     `generate_dataset` says)."""
     from dabdetr.data.synthetic import dataset_matches, generate_dataset
     from dabdetr.distributed import resolve_device
-    from dabdetr.engine.train import TrainConfig, Trainer
+    from dabdetr.engine.config import TrainConfig
+    from dabdetr.engine.trainer import Trainer
 
     started = time.time()
     out = Path(out)
@@ -127,11 +128,9 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
                       num_workers=loader_workers(resolve_device(device).type),
                       progress=progress, eval_batch_size=16, **recipe)
     trainer = Trainer(cfg, resume=str(last) if resuming else None, device=device)
-    cfg.time_limit = max(budget_minutes(), 0.05)  # again, now that set-up is done
-    if resuming:
-        # a resumed demo gets a fresh time budget on top of the time already trained
-        cfg.time_limit += trainer.train_seconds / 60
-    summary = trainer.fit()
+    # the budget again, now that set-up is done; a resumed demo gets a fresh one on top of the
+    # time already trained
+    summary = trainer.fit(time_limit=max(budget_minutes(), 0.05) + trainer.train_seconds / 60)
     if backbone_weights:
         started_from = f"torchvision backbone weights {backbone_weights}, then trained live"
     elif resuming:
@@ -153,7 +152,8 @@ def finish_demo(trainer, out: Path, started: float, summary: dict[str, Any],
     curves = out / "train" / "curves.png"
     if curves.exists():
         shutil.copyfile(curves, out / "curves.png")
-    save_model(model, out / "model", extra={"train_config": trainer.cfg.to_dict()})
+    save_model(model, out / "model", extra={"train_config": {**trainer.cfg.to_dict(),
+                                                      "time_limit": trainer.time_limit}})
     last = trainer.history[-1] if trainer.history else {}
     result = {
         "AP": last.get("AP"), "AP50": last.get("AP50"), "AP75": last.get("AP75"),
