@@ -46,8 +46,8 @@ def loader_workers(device_type: str, cpus: int | None = None) -> int:
     cores from the training threads, which then wait for each other at parallel steps. On a
     2-core AMD EPYC, demo steps (30-60 a run, alternating) ran 0.97x-1.11x as fast without the
     worker, median 1.05x, in six pairs with OMP_WAIT_POLICY=PASSIVE, and 0.92x-1.20x, median
-    1.09x, in ten pairs under OpenMP's default (2-core AMD EPYC, 2026-11-27). Hosts with more cores keep the
-    worker (not measured)."""
+    1.09x, in ten pairs under OpenMP's default (2-core AMD EPYC, 2026-11-27). Hosts with more
+    cores keep the worker (not measured)."""
     from dabdetr.data.synthetic import available_cpus
 
     cpus = available_cpus() if cpus is None else cpus
