@@ -8,7 +8,7 @@ is a `ValueError`, so code that catches ValueError keeps working.
 
 from __future__ import annotations
 
-__all__ = ["BadImageError", "BadWeightsError", "OutputExistsError", "UnwritableError",
+__all__ = ["BadDataError", "BadImageError", "BadWeightsError", "OutputExistsError", "UnwritableError",
            "UserError"]
 
 
@@ -30,3 +30,7 @@ class OutputExistsError(UserError):
 
 class UnwritableError(UserError, OSError):
     """A place that cannot be written: permission denied, read-only, or a full disk."""
+
+
+class BadDataError(UserError):
+    """A dataset file (e.g. a COCO annotation file) that is missing, unreadable or invalid."""
