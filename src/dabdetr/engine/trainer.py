@@ -103,6 +103,9 @@ class Trainer:
 
         model_cfg = preset_config(cfg.model, **cfg.model_overrides)
         model_cfg = config_with_categories(model_cfg, self.categories)
+        # the eval resize travels with the weights (checkpoints, saved models): predict/evaluate
+        model_cfg = model_cfg.replace(eval_size=recipe.eval_size,
+                                      eval_max_size=recipe.eval_max_size)
         self.model = DabDetr(model_cfg).to(self.device)
         if cfg.backbone_weights:
             load_backbone_weights(self.model, cfg.backbone_weights)
