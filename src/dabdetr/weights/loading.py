@@ -17,15 +17,15 @@ from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from dabdetr.config import DabDetrConfig
-from dabdetr.models.dab_detr import DabDetr
-from dabdetr.weights import huggingface, native, official
+from dabdetr.model_types import ModelConfig, build_model, config_from_dict, model_type_of
+from dabdetr.weights import deformable, huggingface, native, official
 from dabdetr.weights.strict import LoadReport, load_state_dict_checked
 
 
-def read_weights(source: str | Path, **overrides: Any) -> tuple[DabDetrConfig, dict[str, Tensor]]:
+def read_weights(source: str | Path, **overrides: Any) -> tuple[ModelConfig, dict[str, Tensor]]:
     """(config, state dict in our naming) from any supported source; nothing is built."""
     path = Path(source)
     if path.is_dir():
@@ -49,12 +49,13 @@ def read_weights(source: str | Path, **overrides: Any) -> tuple[DabDetrConfig, d
                      "nor a Hugging Face hub id like 'IDEA-Research/dab-detr-resnet-50'")
 
 
-def _from_torch_file(path: Path, overrides: dict[str, Any]) -> tuple[DabDetrConfig, dict]:
+def _from_torch_file(path: Path, overrides: dict[str, Any]) -> tuple[ModelConfig, dict]:
     checkpoint = official.safe_torch_load(path)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     if "config" in checkpoint and "model" in checkpoint:  # our training checkpoint
-        config = DabDetrConfig.from_dict(checkpoint["config"]).replace(**overrides)
+        model_type = checkpoint.get("model_type", "dab-detr")
+        config = config_from_dict(checkpoint["config"], model_type).replace(**overrides)
         return config, checkpoint["model"]
     if "model" in checkpoint:
         args = checkpoint.get("args")
@@ -69,17 +70,14 @@ def _from_torch_file(path: Path, overrides: dict[str, Any]) -> tuple[DabDetrConf
 
 
 def _from_state_dict(path: Path, state: dict, args: dict | None,
-                     overrides: dict[str, Any]) -> tuple[DabDetrConfig, dict]:
+                     overrides: dict[str, Any]) -> tuple[ModelConfig, dict]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: 'model' is not a state dict of tensors")
+    if deformable.is_deformable_state_dict(state):  # DAB-Deformable-DETR, by its keys
+        return _deformable_from_state_dict(path, state, args, overrides)
     if args and "deformable" in str(args.get("modelname", "")):
-        what = args["modelname"]
-    else:  # a bare state dict tells by its multi-scale deformable attention's keys
-        key = next((k for k in state if ".sampling_offsets." in k), None)
-        what = key and f"DAB-Deformable-DETR (key {key})"
-    if what:
-        raise ValueError(f"{path} is a {what} checkpoint (multi-scale deformable attention), "
-                         "which dabdetr does not implement; only DAB-DETR loads")
+        raise ValueError(f"{path}: args name the {args['modelname']} model but the weights have "
+                         "no deformable attention (sampling_offsets) keys")
     iter_update = None
     if official.is_official_state_dict(state):
         state, iter_update = official.official_to_ours(state)
@@ -93,6 +91,17 @@ def _from_state_dict(path: Path, state: dict, args: dict | None,
     return official.infer_config(state, args, **overrides), state
 
 
+def _deformable_from_state_dict(path: Path, state: dict, args: dict | None,
+                                overrides: dict[str, Any]) -> tuple[ModelConfig, dict]:
+    state = deformable.official_to_ours(state)
+    if "transformer.level_embed" not in state or "class_embed.0.weight" not in state:
+        raise ValueError(f"{path} has deformable attention keys but no transformer.level_embed/"
+                         "class_embed.0: not DAB-Deformable-DETR weights we understand")
+    if args and "id2label" not in overrides and args.get("dataset_file") == "coco":
+        overrides = {**overrides, "id2label": coco_names_for(state["class_embed.0.weight"].shape[0])}
+    return deformable.infer_config(state, args, **overrides), state
+
+
 def coco_names_for(num_classes: int) -> dict[int, str]:
     """COCO category names by id, for heads laid out by category id (the authors' 91)."""
     from dabdetr.data.categories import COCO_CATEGORY_NAMES
@@ -101,10 +110,11 @@ def coco_names_for(num_classes: int) -> dict[int, str]:
 
 
 def load_model(source: str | Path, strict: bool = True, device: str = "cpu",
-               **overrides: Any) -> DabDetr:
-    """Build a DabDetr from any weight source and load it; returns the model in eval mode.
+               **overrides: Any) -> nn.Module:
+    """Build the model a weight source holds (DabDetr or DabDeformableDetr) and load it;
+    returns the model in eval mode.
 
-    `overrides` set DabDetrConfig fields a file cannot tell (e.g. dilation=True for a DC5
+    `overrides` set config fields a file cannot tell (e.g. dilation=True for a DC5
     state dict without args). strict=False loads what fits and re-initializes the rest (e.g.
     a class head of another size when fine-tuning); the report is on `model.load_report`.
     """
@@ -113,19 +123,23 @@ def load_model(source: str | Path, strict: bool = True, device: str = "cpu",
 
 
 def load_model_with_report(source: str | Path, strict: bool = True,
-                           **overrides: Any) -> tuple[DabDetr, LoadReport]:
+                           **overrides: Any) -> tuple[nn.Module, LoadReport]:
     config, state = read_weights(source, **overrides)
-    model = DabDetr(config)
+    model = build_model(config)
     report = load_state_dict_checked(model, state, strict=strict)
     model.load_report = report
     return model, report
 
 
-def save_model(model: DabDetr, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write our format (directory: config.json + model.safetensors)."""
     native.write_native(model.config, model.state_dict(), Path(path), extra)
 
 
-def export_huggingface(model: DabDetr, path: str | Path) -> None:
-    """Write a directory that transformers' DabDetrForObjectDetection loads."""
+def export_huggingface(model: nn.Module, path: str | Path) -> None:
+    """Write a directory that transformers' DabDetrForObjectDetection loads (DAB-DETR only:
+    transformers has no DAB-Deformable-DETR)."""
+    if not isinstance(model.config, DabDetrConfig):
+        raise ValueError(f"transformers has no {model_type_of(model.config)} model; save it in "
+                         "our format with save_model instead")
     huggingface.write_hf_directory(model.config, model.state_dict(), Path(path))

@@ -9,7 +9,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from dabdetr.config import DabDetrConfig
+from dabdetr.model_types import DEFAULT_MODEL_TYPE, ModelConfig, config_from_dict, model_type_of
 
 FORMAT_NAME = "dabdetr"
 FORMAT_VERSION = 1
@@ -25,13 +25,14 @@ def is_native_directory(path: Path) -> bool:
         return False
 
 
-def write_native(config: DabDetrConfig, state: dict[str, Tensor], path: Path,
+def write_native(config: ModelConfig, state: dict[str, Tensor], path: Path,
                  extra: dict[str, Any] | None = None) -> None:
     """Write config.json + model.safetensors. `extra` is stored as plain JSON beside the config
     (e.g. the training recipe); the category map lives in the config (id2label,
     class_to_category)."""
     path.mkdir(parents=True, exist_ok=True)
-    doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config.to_dict()}
+    doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+           "model_type": model_type_of(config), "config": config.to_dict()}
     if extra:
         doc["extra"] = extra
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
@@ -41,7 +42,9 @@ def write_native(config: DabDetrConfig, state: dict[str, Tensor], path: Path,
     (path / "config.json").write_text(json.dumps(doc, indent=2))
 
 
-def read_native(path: Path, **overrides: Any) -> tuple[DabDetrConfig, dict[str, Tensor]]:
+def read_native(path: Path, **overrides: Any) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """(config, state dict) of a directory `write_native` wrote; `model_type` in config.json
+    picks the config class (absent: DAB-DETR)."""
     try:
         doc = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -52,5 +55,6 @@ def read_native(path: Path, **overrides: Any) -> tuple[DabDetrConfig, dict[str, 
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise ValueError(f"{path} has config.json but no model.safetensors")
-    config = DabDetrConfig.from_dict(doc["config"]).replace(**overrides)
+    model_type = doc.get("model_type", DEFAULT_MODEL_TYPE)
+    config = config_from_dict(doc["config"], model_type).replace(**overrides)
     return config, load_file(str(weights))
