@@ -85,7 +85,7 @@ def infer_config(state: dict[str, Tensor], args: dict[str, Any] | None = None,
     sd = state
     enc = "transformer.encoder.layers.0.self_attn."
     dec = "transformer.decoder.layers.0.cross_attn."
-    nheads = int(args.get("nheads", 8))
+    nheads = int(overrides.get("nheads", args.get("nheads", 8)))
     levels = sd["transformer.level_embed"].shape[0]
     values: dict[str, Any] = {
         "backbone": args.get("backbone") or infer_backbone(sd),
