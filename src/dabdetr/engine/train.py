@@ -33,6 +33,7 @@ from dabdetr.data.transforms import TransformRecipe, scaled_recipe
 from dabdetr.engine.evaluate import config_with_categories, run_evaluation
 from dabdetr.engine.evaluator import CocoEvaluator, load_coco_gt
 from dabdetr.engine.sampling import EpochSampler
+from dabdetr.model_types import build_model, model_type_of
 from dabdetr.models.criterion import SetCriterion
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.models.matcher import HungarianMatcher
@@ -277,7 +278,7 @@ class Trainer:
 
         model_cfg = preset_config(cfg.model, **cfg.model_overrides)
         model_cfg = config_with_categories(model_cfg, self.categories)
-        self.model = DabDetr(model_cfg).to(self.device)
+        self.model = build_model(model_cfg).to(self.device)
         if cfg.backbone_weights:
             load_backbone_weights(self.model, cfg.backbone_weights)
         if cfg.weights and not resume:
@@ -376,6 +377,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = {
             "model": self.model.state_dict(), "config": self.model.config.to_dict(),
+            "model_type": model_type_of(self.model.config),
             "train_config": self.cfg.to_dict(), "categories": self.categories.to_json(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,

@@ -152,7 +152,10 @@ class DabDeformableDetr(nn.Module):
         return (content[None].expand(batch, -1, -1),
                 anchors.sigmoid()[None].expand(batch, -1, -1))
 
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> DetectionOutput:
+    def forward(self, images: Tensor, mask: Tensor | None = None,
+                targets: list[dict[str, Tensor]] | None = None) -> DetectionOutput:
+        """`targets` are not read: this variant has no denoising queries. The parameter lets
+        the training engine call both model families alike."""
         mask = self._checked_mask(images, mask)
         inputs = self.multi_scale_input(images, mask)
         memory = self.transformer.encode(inputs)
