@@ -54,12 +54,28 @@ def test_resume_continues_exactly(data_dir, tmp_path):
         return tiny_cfg(data_dir, tmp_path / out, model="dab-deformable-cpu-small",
                         model_overrides=TINY, max_steps=steps, deterministic=True)
 
-    full = Trainer(cfg("full", 4))
+    full = Trainer(cfg("full", 3))
     full.fit()
-    Trainer(cfg("split", 2)).fit()
-    resumed = Trainer(cfg("split", 4), resume=str(tmp_path / "split" / "last.pt"))
-    assert resumed.step == 2 and isinstance(resumed.model, DabDeformableDetr)
+    Trainer(cfg("split", 1)).fit()
+    resumed = Trainer(cfg("split", 3), resume=str(tmp_path / "split" / "last.pt"))
+    assert resumed.step == 1 and isinstance(resumed.model, DabDeformableDetr)
     resumed.fit()
     full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()
     for key, value in full_state.items():
         assert torch.equal(value, resumed_state[key]), key
+
+
+def test_convert_and_predict_cli(data_dir, tmp_path):
+    from dabdetr.weights import deformable
+
+    torch.manual_seed(0)
+    model = DabDeformableDetr(preset_config("dab-deformable-cpu-small", **TINY))
+    torch.save({"model": deformable.ours_to_official(model.state_dict())}, tmp_path / "theirs.pth")
+    assert main(["convert", str(tmp_path / "theirs.pth"), str(tmp_path / "ours"),
+                 "--set", "backbone=resnet18", "nheads=4"]) == 0
+    assert isinstance(dabdetr.load_model(tmp_path / "ours"), DabDeformableDetr)
+    images = sorted((data_dir / "train").glob("*.*"))[:2] or sorted(data_dir.rglob("*.png"))[:2]
+    assert main(["predict", *map(str, images), "--weights", str(tmp_path / "ours"),
+                 "--out", str(tmp_path / "pred"), "--device", "cpu", "--size", "64",
+                 "--threshold", "0.0", "--num-select", "5", "--no-draw"]) == 0
+    assert any((tmp_path / "pred").iterdir())
