@@ -95,3 +95,16 @@ def test_huggingface_export_refused(tmp_path):
     model = DabDeformableDetr(tiny_deformable_config())
     with pytest.raises(ValueError, match="transformers has no dab-deformable-detr"):
         dabdetr.export_huggingface(model, tmp_path / "x")
+
+
+def test_two_stage_needs_enough_cells():
+    model = DabDeformableDetr(tiny_deformable_config(two_stage=True, num_queries=100)).eval()
+    with pytest.raises(ValueError, match="encoder cells"):
+        model(torch.randn(1, 3, 64, 64))  # 8x8 + 4x4 + 2x2 + 1x1 = 85 cells
+
+
+def test_bf16_autocast_keeps_outputs_float32():
+    model = DabDeformableDetr(tiny_deformable_config()).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(1, 3, 64, 80))
+    assert out.pred_logits.dtype == out.pred_boxes.dtype == torch.float32

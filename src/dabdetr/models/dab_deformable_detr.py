@@ -20,7 +20,7 @@ from dabdetr.models.dab_detr import AnchorQueries
 from dabdetr.models.deformable_transformer import DeformableTransformer, MultiScaleInput
 from dabdetr.models.outputs import DetectionOutput
 from dabdetr.models.position_encoding import PositionEmbeddingSineCentered
-from dabdetr.models.transformer import MLP
+from dabdetr.models.transformer import MLP, box_precision
 
 _STAGES = ("layer2", "layer3", "layer4")  # strides 8, 16, 32
 
@@ -167,7 +167,9 @@ class DabDeformableDetr(nn.Module):
         else:
             content, anchors = self.queries(images.shape[0])
         hs, boxes = self.transformer.decoder(content, anchors, memory, self.bbox_embed)
-        logits = torch.stack([head(h) for head, h in zip(self.class_embed, hs, strict=False)])
+        # float32 logits under autocast, as DabDetr's (the criterion's focal loss needs them)
+        logits = box_precision(torch.stack(
+            [head(h) for head, h in zip(self.class_embed, hs, strict=False)]))
         aux = []
         if self.config.aux_loss:
             aux = [DetectionOutput(logits[i], boxes[i]) for i in range(hs.shape[0] - 1)]

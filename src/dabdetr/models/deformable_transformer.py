@@ -223,6 +223,11 @@ class ProposalSelection(nn.Module):
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Returns (content [B, Q, d], anchors [B, Q, 4] normalized cxcywh, detached),
         and the per-cell outputs: logits [B, S, C], boxes [B, S, 4] (sigmoid)."""
+        num_cells = memory.mask.shape[1]
+        if num_cells < self.num_queries:
+            raise ValueError(f"two-stage selection needs num_queries={self.num_queries} of the "
+                             f"{num_cells} encoder cells this input has; use larger images or "
+                             "fewer queries")
         proposals, valid = self.proposals(memory)
         features = memory.src.masked_fill(memory.mask[..., None] | ~valid, 0.0)
         features = self.enc_output_norm(self.enc_output(features))
