@@ -108,3 +108,11 @@ def test_bf16_autocast_keeps_outputs_float32():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(1, 3, 64, 80))
     assert out.pred_logits.dtype == out.pred_boxes.dtype == torch.float32
+
+
+def test_attention_maps_refused_clearly():
+    from dabdetr.visualize import query_attention
+
+    model = DabDeformableDetr(tiny_deformable_config()).eval()
+    with pytest.raises(ValueError, match="without --explain"):
+        query_attention(model, torch.randn(1, 3, 64, 64))

@@ -63,6 +63,8 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()
     for key, value in full_state.items():
         assert torch.equal(value, resumed_state[key]), key
+    # a training checkpoint records its model type: load_model builds the right class
+    assert isinstance(dabdetr.load_model(tmp_path / "split" / "last.pt"), DabDeformableDetr)
 
 
 def test_convert_and_predict_cli(data_dir, tmp_path):
