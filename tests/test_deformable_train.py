@@ -37,7 +37,7 @@ def test_overfits_small_dataset_through_cli(data_dir, tmp_path, capsys):
     sets = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
     code = main(["train", "--data", str(data_dir), "--out", str(out),
                  "--model", "dab-deformable-cpu-small", *sets, "--val-split", "train",
-                 "--epochs", "1000", "--max-steps", "200", "--batch-size", "8", "--lr", "1e-3",
+                 "--epochs", "1000", "--max-steps", "60", "--batch-size", "8", "--lr", "1e-3",
                  "--lr-backbone", "1e-3", "--lr-drop", "--image-size", "64", "--no-crop",
                  "--no-flip", "--num-workers", "0", "--eval-every", "1000", "--seed", "1",
                  "--no-progress"])
