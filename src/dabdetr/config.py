@@ -6,7 +6,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 ACTIVATIONS = ("prelu", "relu", "gelu")
@@ -231,3 +231,105 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+@dataclass
+class DabDeformableDetrConfig:
+    """Everything that defines a DAB-Deformable-DETR network (not how it is trained).
+
+    The defaults are the authors' `main.py` defaults for `-m dab_deformable_detr` (their
+    published R50-v2 model): ResNet-50 levels at strides 8, 16, 32 plus a stride-64 level,
+    6 + 6 layers with FFN 2048 and ReLU, 8 heads and 4 sampling points per level, 300 queries,
+    91 classes (the COCO category-id layout), box refinement in every layer, auxiliary outputs.
+    """
+
+    # backbone
+    backbone: str = "resnet50"
+    dilation: bool = False  # DC5: the last level at stride 16
+    backbone_norm: str = "frozen"  # "frozen" (FrozenBatchNorm2d, upstream) | "batch"
+    backbone_trainable_layers: int = 3  # upstream trains layer2..4
+    # transformer
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.0
+    num_feature_levels: int = 4  # up to 3 from the backbone, the rest strided 3x3 convs
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    # queries
+    num_queries: int = 300
+    num_patterns: int = 0
+    random_refpoints_xy: bool = False  # x, y of the anchors drawn uniform(0, 1)
+    freeze_refpoints_xy: bool = True  # with random_refpoints_xy: really freeze x, y
+    two_stage: bool = False  # anchors and content from the top encoder proposals
+    inverse_sigmoid_eps: float = 1e-3
+    aux_loss: bool = True
+    # heads
+    num_classes: int = 91
+    id2label: dict[int, str] = field(default_factory=dict)
+    class_to_category: list[int] | None = None
+    # the resize the weights were trained and evaluated with (see DabDetrConfig)
+    eval_size: int = 800
+    eval_max_size: int | None = 1333
+
+    model_type: ClassVar[str] = "dab-deformable-detr"
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone={self.backbone!r} is not supported; choose one of {BACKBONES}")
+        if self.backbone_norm not in BACKBONE_NORMS:
+            raise ValueError(f"backbone_norm={self.backbone_norm!r}: choose one of {BACKBONE_NORMS}")
+        if self.hidden_dim <= 0 or self.hidden_dim % 32 or self.hidden_dim % self.nheads:
+            raise ValueError(f"hidden_dim ({self.hidden_dim}) must be a positive multiple of 32 "
+                             f"(GroupNorm's 32 groups) and of nheads ({self.nheads})")
+        for name in ("enc_layers", "dec_layers", "dim_feedforward", "num_queries", "num_classes",
+                     "num_feature_levels", "enc_n_points", "dec_n_points"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_patterns < 0:
+            raise ValueError(f"num_patterns must be >= 0, got {self.num_patterns}")
+        if self.two_stage and self.num_patterns:
+            raise ValueError("two_stage selects its own queries: set num_patterns=0 with it")
+        if not 0 <= self.backbone_trainable_layers <= 5:
+            raise ValueError("backbone_trainable_layers must be in 0..5")
+        if self.class_to_category is not None and len(self.class_to_category) != self.num_classes:
+            raise ValueError(f"class_to_category has {len(self.class_to_category)} entries but "
+                             f"num_classes is {self.num_classes}")
+        if self.eval_size < 1 or (self.eval_max_size is not None and self.eval_max_size < 1):
+            raise ValueError(f"eval_size ({self.eval_size}) and eval_max_size "
+                             f"({self.eval_max_size}) must be positive")
+        self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+
+    @property
+    def total_queries(self) -> int:
+        """Predictions per image (num_queries x max(1, num_patterns))."""
+        return self.num_queries * max(1, self.num_patterns)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DabDeformableDetrConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DabDeformableDetrConfig fields {unknown}; known fields: "
+                             f"{sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **overrides: Any) -> DabDeformableDetrConfig:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown config overrides {unknown}; known fields: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+    def label_name(self, class_index: int) -> str:
+        return self.id2label.get(class_index, f"class_{class_index}")
+
+    def category_id(self, class_index: int) -> int:
+        if self.class_to_category is None:
+            return class_index
+        return self.class_to_category[class_index]

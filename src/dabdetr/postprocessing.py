@@ -10,6 +10,17 @@ from torch import Tensor
 from dabdetr.models.box_ops import cxcywh_to_xyxy
 from dabdetr.models.outputs import DetectionOutput
 
+# The authors' evaluation keeps the top 300 (query, class) pairs for DAB-DETR; their
+# DAB-Deformable-DETR PostProcess hard-codes 100.
+DEFAULT_NUM_SELECT = {"dab-detr": 300, "dab-deformable-detr": 100}
+
+
+def default_num_select(config: object) -> int:
+    """The authors' top-k for a model config's family (300 DAB-DETR, 100 deformable)."""
+    from dabdetr.model_types import model_type_of
+
+    return DEFAULT_NUM_SELECT[model_type_of(config)]
+
 
 @torch.no_grad()
 def postprocess(

@@ -74,10 +74,15 @@ def query_attention(model, images: Tensor, mask: Tensor | None = None, layer: in
         attention weights of every query over the feature cells (h, w), averaged over heads;
         each map sums to 1 over the image's valid cells.
     """
+    from dabdetr.config import DabDetrConfig
     from dabdetr.optimize import InferenceWrapper
 
     while isinstance(model, InferenceWrapper):
         model = model.model
+    if not isinstance(model.config, DabDetrConfig):
+        raise ValueError("query attention maps are drawn for DAB-DETR's dense cross-attention; "
+                         "DAB-Deformable-DETR samples a few points per query instead: run "
+                         "without --explain")
     captured: dict = {}
 
     def on_attention(module, args, output):

@@ -16,23 +16,23 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from dabdetr.config import DabDetrConfig
 from dabdetr.errors import BadWeightsError
-from dabdetr.models.dab_detr import DabDetr
-from dabdetr.weights import huggingface, native, official
+from dabdetr.model_types import ModelConfig, build_model, config_from_dict, model_type_of
+from dabdetr.weights import deformable, huggingface, native, official
 from dabdetr.weights.strict import LoadReport, load_state_dict_checked
 
 # File endings that mark a source as a local file, never a hub id ("run/best.pt").
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt", ".json")
 
 
-def read_weights(source: str | Path, **overrides: Any) -> tuple[DabDetrConfig, dict[str, Tensor]]:
+def read_weights(source: str | Path, **overrides: Any) -> tuple[ModelConfig, dict[str, Tensor]]:
     """(config, state dict in our naming) from any supported source; nothing is built.
 
     Raises BadWeightsError (a ValueError) naming the source and the fix when it is missing,
-    unreadable, corrupt or not DAB-DETR weights.
+    unreadable, corrupt or not DAB-DETR / DAB-Deformable-DETR weights.
     """
     path = Path(source)
     if path.is_dir():
@@ -69,14 +69,15 @@ def _not_found_message(path: Path) -> str:
             "'IDEA-Research/dab-detr-resnet-50'")
 
 
-def _from_torch_file(path: Path, overrides: dict[str, Any]) -> tuple[DabDetrConfig, dict]:
+def _from_torch_file(path: Path, overrides: dict[str, Any]) -> tuple[ModelConfig, dict]:
     checkpoint = official.safe_torch_load(path)
     if not isinstance(checkpoint, dict):
         raise BadWeightsError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     if "config" in checkpoint and "model" in checkpoint:  # our training checkpoint
+        model_type = checkpoint.get("model_type", "dab-detr")
         try:
-            config = DabDetrConfig.from_dict(checkpoint["config"]).replace(**overrides)
-        except ValueError as err:
+            config = config_from_dict(checkpoint["config"], model_type).replace(**overrides)
+        except (ValueError, TypeError) as err:
             raise BadWeightsError(f"{path}: its model config is damaged: {err}") from None
         _check_tensor_dict(path, checkpoint["model"])
         return config, checkpoint["model"]
@@ -101,16 +102,13 @@ def _check_tensor_dict(path: Path, state: Any) -> None:
 
 
 def _from_state_dict(path: Path, state: dict, args: dict | None,
-                     overrides: dict[str, Any]) -> tuple[DabDetrConfig, dict]:
+                     overrides: dict[str, Any]) -> tuple[ModelConfig, dict]:
     _check_tensor_dict(path, state)
+    if deformable.is_deformable_state_dict(state):  # DAB-Deformable-DETR, by its keys
+        return _deformable_from_state_dict(path, state, args, overrides)
     if args and "deformable" in str(args.get("modelname", "")):
-        what = args["modelname"]
-    else:  # a bare state dict tells by its multi-scale deformable attention's keys
-        key = next((k for k in state if ".sampling_offsets." in k), None)
-        what = key and f"DAB-Deformable-DETR (key {key})"
-    if what:
-        raise BadWeightsError(f"{path} is a {what} checkpoint (multi-scale deformable attention), "
-                         "which dabdetr does not implement; only DAB-DETR loads")
+        raise BadWeightsError(f"{path}: args name the {args['modelname']} model but the weights "
+                              "have no deformable attention (sampling_offsets) keys")
     iter_update = None
     if official.is_official_state_dict(state):
         try:
@@ -134,6 +132,17 @@ def _from_state_dict(path: Path, state: dict, args: dict | None,
                               f"read {err} from it); give a complete checkpoint") from None
 
 
+def _deformable_from_state_dict(path: Path, state: dict, args: dict | None,
+                                overrides: dict[str, Any]) -> tuple[ModelConfig, dict]:
+    state = deformable.official_to_ours(state)
+    if "transformer.level_embed" not in state or "class_embed.0.weight" not in state:
+        raise BadWeightsError(f"{path} has deformable attention keys but no transformer.level_embed/"
+                         "class_embed.0: not DAB-Deformable-DETR weights we understand")
+    if args and "id2label" not in overrides and args.get("dataset_file") == "coco":
+        overrides = {**overrides, "id2label": coco_names_for(state["class_embed.0.weight"].shape[0])}
+    return deformable.infer_config(state, args, **overrides), state
+
+
 def coco_names_for(num_classes: int) -> dict[int, str]:
     """COCO category names by id, for heads laid out by category id (the authors' 91)."""
     from dabdetr.data.categories import COCO_CATEGORY_NAMES
@@ -142,10 +151,11 @@ def coco_names_for(num_classes: int) -> dict[int, str]:
 
 
 def load_model(source: str | Path, strict: bool = True, device: str = "cpu",
-               return_report: bool = False, **overrides: Any) -> DabDetr | tuple[DabDetr, LoadReport]:
-    """Build a DabDetr from any weight source and load it; the model in eval mode.
+               return_report: bool = False, **overrides: Any) -> nn.Module | tuple[nn.Module, LoadReport]:
+    """Build the model a weight source holds (DabDetr or DabDeformableDetr) and load it;
+    returns the model in eval mode.
 
-    `overrides` set DabDetrConfig fields a file cannot tell (e.g. dilation=True for a DC5
+    `overrides` set config fields a file cannot tell (e.g. dilation=True for a DC5
     state dict without args). strict=False loads what fits and re-initializes the rest (e.g.
     a class head of another size when fine-tuning). With return_report=True the result is
     (model, LoadReport): what was loaded, missing, unexpected or mis-shaped.
@@ -157,18 +167,22 @@ def load_model(source: str | Path, strict: bool = True, device: str = "cpu",
 
 
 def load_model_with_report(source: str | Path, strict: bool = True,
-                           **overrides: Any) -> tuple[DabDetr, LoadReport]:
+                           **overrides: Any) -> tuple[nn.Module, LoadReport]:
     """(model on the CPU, LoadReport) from any weight source; see `load_model`."""
     config, state = read_weights(source, **overrides)
-    model = DabDetr(config)
+    model = build_model(config)
     return model, load_state_dict_checked(model, state, strict=strict)
 
 
-def save_model(model: DabDetr, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write our format (directory: config.json + model.safetensors)."""
     native.write_native(model.config, model.state_dict(), Path(path), extra)
 
 
-def export_huggingface(model: DabDetr, path: str | Path) -> None:
-    """Write a directory that transformers' DabDetrForObjectDetection loads."""
+def export_huggingface(model: nn.Module, path: str | Path) -> None:
+    """Write a directory that transformers' DabDetrForObjectDetection loads (DAB-DETR only:
+    transformers has no DAB-Deformable-DETR)."""
+    if not isinstance(model.config, DabDetrConfig):
+        raise ValueError(f"transformers has no {model_type_of(model.config)} model; save it in "
+                         "our format with save_model instead")
     huggingface.write_hf_directory(model.config, model.state_dict(), Path(path))

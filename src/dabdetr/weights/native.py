@@ -10,9 +10,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from dabdetr.config import DabDetrConfig
 from dabdetr.errors import BadWeightsError
 from dabdetr.io_utils import atomic_write
+from dabdetr.model_types import DEFAULT_MODEL_TYPE, ModelConfig, config_from_dict, model_type_of
 
 FORMAT_NAME = "dabdetr"
 FORMAT_VERSION = 1
@@ -38,12 +38,13 @@ def load_safetensors(path: Path) -> dict[str, Tensor]:
                               "incomplete or corrupt: download or convert it again") from None
 
 
-def write_native(config: DabDetrConfig, state: dict[str, Tensor], path: Path,
+def write_native(config: ModelConfig, state: dict[str, Tensor], path: Path,
                  extra: dict[str, Any] | None = None) -> None:
     """Write config.json + model.safetensors, each atomically, with the umask's permissions.
     `extra` is stored as plain JSON beside the config (e.g. the training recipe); the category
-    map and the eval resize live in the config."""
-    doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config.to_dict()}
+    map and the eval resize live in the config; `model_type` names the config class."""
+    doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+           "model_type": model_type_of(config), "config": config.to_dict()}
     if extra:
         doc["extra"] = extra
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
@@ -51,7 +52,9 @@ def write_native(config: DabDetrConfig, state: dict[str, Tensor], path: Path,
     atomic_write(path / "config.json", json.dumps(doc, indent=2))
 
 
-def read_native(path: Path, **overrides: Any) -> tuple[DabDetrConfig, dict[str, Tensor]]:
+def read_native(path: Path, **overrides: Any) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """(config, state dict) of a directory `write_native` wrote; `model_type` in config.json
+    picks the config class (absent: DAB-DETR)."""
     config_file = path / "config.json"
     try:
         doc = json.loads(config_file.read_text())
@@ -67,8 +70,9 @@ def read_native(path: Path, **overrides: Any) -> tuple[DabDetrConfig, dict[str, 
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise BadWeightsError(f"{path} has config.json but no model.safetensors")
+    model_type = doc.get("model_type", DEFAULT_MODEL_TYPE)
     try:
-        config = DabDetrConfig.from_dict(doc["config"]).replace(**overrides)
-    except ValueError as err:
+        config = config_from_dict(doc["config"], model_type).replace(**overrides)
+    except (ValueError, TypeError) as err:
         raise BadWeightsError(f"{config_file}: {err}") from None
     return config, load_safetensors(weights)
