@@ -66,7 +66,7 @@ def test_golden_matcher_and_losses(golden):
     losses = criterion(out, io["targets"])
     assert set(losses) == set(io["losses"])
     for key, expected in io["losses"].items():  # the golden terms are weighted
-        weighted = float(losses[key] * criterion.weight_dict[key])
+        weighted = float(losses[key] * criterion.weight(key))
         assert weighted == pytest.approx(float(expected), rel=TOL), key
     total = criterion.weighted_total(losses)
     assert float(total) == pytest.approx(float(io["loss_total"]), rel=TOL)

@@ -11,16 +11,16 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dabdetr.config import DabDeformableDetrConfig
-from dabdetr.models.backbone import Backbone
+from dabdetr.models.backbone import Backbone, resize_mask
+from dabdetr.models.box_ops import box_precision
 from dabdetr.models.dab_detr import AnchorQueries
 from dabdetr.models.deformable_transformer import DeformableTransformer, MultiScaleInput
 from dabdetr.models.outputs import DetectionOutput
 from dabdetr.models.position_encoding import PositionEmbeddingSineCentered
-from dabdetr.models.transformer import MLP, box_precision
+from dabdetr.models.transformer import MLP
 
 _STAGES = ("layer2", "layer3", "layer4")  # strides 8, 16, 32
 
@@ -32,11 +32,6 @@ def _stage_channels(backbone: Backbone, stages: tuple[str, ...]) -> list[int]:
         block = getattr(backbone.body, stage)[-1]
         channels.append((block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels)
     return channels
-
-
-def _resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
-    """[B, H, W] bool -> [B, h, w] bool by nearest interpolation (upstream's legacy rounding)."""
-    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
 
 
 class DabDeformableDetr(nn.Module):
@@ -118,12 +113,7 @@ class DabDeformableDetr(nn.Module):
     def backbone_levels(self, images: Tensor) -> list[Tensor]:
         """ResNet stage outputs [B, C_l, H/s_l, W/s_l] for `self.stages`, then layer4's output
         again last (the extra levels' input)."""
-        outs: dict[str, Tensor] = {}
-        x = images
-        for name, module in self.backbone.body.named_children():
-            x = module(x)
-            outs[name] = x
-        return [outs[s] for s in self.stages] + [outs["layer4"]]
+        return self.backbone.stage_outputs(images, (*self.stages, "layer4"))
 
     def multi_scale_input(self, images: Tensor, mask: Tensor) -> MultiScaleInput:
         """Projected levels with their masks and position + level embeddings, flattened."""
@@ -131,10 +121,10 @@ class DabDeformableDetr(nn.Module):
         srcs, masks = [], []
         for proj, feat in zip(self.input_proj, features, strict=False):
             srcs.append(proj(feat))
-            masks.append(_resize_mask(mask, feat.shape[-2:]))
+            masks.append(resize_mask(mask, feat.shape[-2:]))
         for proj in list(self.input_proj)[len(features):]:
             srcs.append(proj(last if len(srcs) == len(features) else srcs[-1]))
-            masks.append(_resize_mask(mask, srcs[-1].shape[-2:]))  # from the image mask
+            masks.append(resize_mask(mask, srcs[-1].shape[-2:]))  # from the image mask
         pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks, strict=True)]
         return self.transformer.flatten(srcs, masks, pos)
 

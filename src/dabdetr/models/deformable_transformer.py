@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dabdetr.models.box_ops import inverse_sigmoid
 from dabdetr.models.deformable_attention import MSDeformAttn
 from dabdetr.models.position_encoding import anchor_sine_embedding, proposal_sine_embedding
-from dabdetr.models.transformer import MLP, inverse_sigmoid
+from dabdetr.models.transformer import MLP
 
 
 @dataclass
