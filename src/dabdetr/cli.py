@@ -15,9 +15,10 @@ logger = logging.getLogger("dabdetr")
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="detect objects in images; writes COCO results + drawings",
+    p = sub.add_parser("predict", help="detect objects in images and videos (JSONL, COCO results, drawings)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="image files and/or directories (searched recursively)")
+    p.add_argument("inputs", nargs="+",
+                   help="image or video files and/or directories (searched recursively)")
     p.add_argument("--weights", required=True,
                    help="our model dir, a Hugging Face dir or hub id, or an authors' .pth")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score to keep a box")
@@ -29,6 +30,14 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-draw", action="store_true", help="do not write images with boxes drawn")
     p.add_argument("--explain", type=int, default=0, metavar="K",
                    help="also draw the decoder cross-attention of the K best detections' queries")
+    p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
+                   help="onnxruntime: --weights is an ONNX file from `dabdetr export` (CPU)")
+    p.add_argument("--batch-size", type=int, default=1, help="images of similar size per batch")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes (0: none)")
+    p.add_argument("--resume", action="store_true",
+                   help="append to OUT/predictions.jsonl, skipping the inputs it already has")
+    p.add_argument("--video-out", action="store_true",
+                   help="write each input video with its detections drawn to OUT/videos/")
     from dabdetr.optimize import add_cli_argument
 
     add_cli_argument(p)
@@ -36,61 +45,54 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-
-    from dabdetr.inference import Predictor, find_images, predict_files
-    from dabdetr.visualize import draw_detections
-    from dabdetr.weights.loading import load_model
+    from dabdetr.inference import IMAGE_SUFFIXES, Predictor, find_images
+    from dabdetr.streaming import VIDEO_SUFFIXES, predict_to_folder
 
     out_dir = Path(args.out).resolve()
     # never feed our own drawings back in when --out sits inside an input folder
-    files = [f for f in find_images(args.inputs) if out_dir not in f.resolve().parents]
+    files = [str(f) for f in find_images(args.inputs, IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+             if out_dir not in f.resolve().parents]
     if not files:
         print(f"dabdetr predict: error: no images found in {args.inputs}", file=sys.stderr)
         return 2
-    from dabdetr.distributed import resolve_device
-
-    device = str(resolve_device(args.device))
-    from dabdetr.optimize import optimized
-
-    model = optimized(load_model(args.weights, device=device), args.optimize)
+    model, device = _predict_model(args)
     predictor = Predictor(model, size=args.size, max_size=args.max_size,
                           num_select=args.num_select, threshold=args.threshold, device=device)
+
+    def explain(det, img, stem: str) -> None:
+        explain_image(model, predictor, img, args.explain).save(f"{stem}_attention.jpg", quality=92)
+
+    summary = predict_to_folder(
+        files, predictor, args.out, resume=args.resume, batch_size=args.batch_size,
+        workers=args.workers, draw=not args.no_draw, video_out=args.video_out,
+        extra_drawing=explain if args.explain > 0 else None)
     out = Path(args.out)
-    vis_dir = out / "images"
-    vis_dir.mkdir(parents=True, exist_ok=True)
-    used_names: set[str] = set()
-
-    def save_drawing(det, img) -> None:
-        if args.no_draw:
-            return
-        name = Path(det.source).stem
-        while name in used_names:  # same file name in two folders
-            name += "_"
-        used_names.add(name)
-        draw_detections(img, det.boxes, det.labels.tolist(), det.names, det.scores).save(
-            vis_dir / f"{name}.jpg", quality=92)
-        if args.explain > 0:
-            explain_image(model, predictor, img, args.explain).save(
-                vis_dir / f"{name}_attention.jpg", quality=92)
-
-    report = predict_files(files, predictor, on_result=save_drawing)
-    results, images = [], []
-    for image_id, det in enumerate(report.detections, start=1):
-        results.extend(det.to_coco(image_id))
-        images.append({"id": image_id, "file_name": det.source, "height": det.image_size[0],
-                       "width": det.image_size[1]})
-    (out / "detections.json").write_text(json.dumps(results))
-    (out / "images.json").write_text(json.dumps(images, indent=1))
-    if report.failed:
-        (out / "failed.json").write_text(json.dumps(
-            [{"file": f, "error": e} for f, e in report.failed], indent=1))
-    print(f"{len(report.detections)} images, {len(results)} detections >= {args.threshold} "
-          f"-> {out / 'detections.json'}" + ("" if args.no_draw else f", drawings in {vis_dir}"))
-    if report.failed:
-        print(f"{len(report.failed)} image(s) could not be read and were skipped "
+    print(f"{summary.predicted} images predicted, {summary.images} in {out / 'images.json'}, "
+          f"{summary.detections} detections >= {args.threshold} -> {out / 'detections.json'} "
+          f"(stream: {summary.jsonl})" + ("" if args.no_draw else f", drawings in {out / 'images'}"))
+    if summary.failed:
+        print(f"{summary.failed} image(s) could not be read and were skipped "
               f"(see {out / 'failed.json'})", file=sys.stderr)
         return 1
     return 0
+
+
+def _predict_model(args: argparse.Namespace):
+    """(model, device) of `dabdetr predict`: the PyTorch model (optimized as asked) or an
+    ONNX Runtime session of an exported file."""
+    if args.backend == "onnxruntime":
+        if args.optimize != "none" or args.explain > 0 or args.device not in (None, "cpu"):
+            raise ValueError("--backend onnxruntime runs the exported graph on the CPU: drop "
+                             "--optimize, --explain and --device (they need the PyTorch model)")
+        from dabdetr.runtime import OnnxDetector
+
+        return OnnxDetector(args.weights), "cpu"
+    from dabdetr.distributed import resolve_device
+    from dabdetr.optimize import optimized
+    from dabdetr.weights.loading import load_model
+
+    device = str(resolve_device(args.device))
+    return optimized(load_model(args.weights, device=device), args.optimize), device
 
 
 def explain_image(model, predictor, img, top_k: int):
@@ -171,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_predict, _add_convert, _add_synth):
         add(sub)
-    for extra in ("dabdetr.engine.train", "dabdetr.engine.evaluate", "dabdetr.demo"):
+    for extra in ("dabdetr.engine.train", "dabdetr.engine.evaluate", "dabdetr.demo",
+                  "dabdetr.export_cli"):
         try:
             module = __import__(extra, fromlist=["add_cli"])
         except ImportError as err:

@@ -1,0 +1,182 @@
+"""ONNX and torch.export: parity with the eager model, the `dabdetr export` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from _util import perturbed_model, tiny_config
+
+import dabdetr
+from dabdetr.export import (
+    PARITY_TOLERANCE,
+    export_onnx,
+    export_program,
+    load_program,
+    max_abs_differences,
+    parity_inputs,
+    save_program,
+)
+
+pytest.importorskip("onnxruntime", reason="the export extra (pip install dabdetr[export])")
+
+from dabdetr.runtime import OnnxDetector  # noqa: E402
+
+NUM_SELECT = 10
+VARIANTS = {
+    "base": {},
+    "patterns": {"num_patterns": 2},
+    "dc5": {"dilation": True},
+    "two_stage": {"two_stage": True},
+    "no_modulation": {"modulate_hw_attn": False},
+}
+# (batch, H, W, valid (h, w) per image): two sizes, batch 1 and 2, padded and unpadded
+CASES = [(1, 96, 128, [(96, 128)]), (2, 96, 128, [(96, 128), (70, 90)]),
+         (1, 131, 77, [(131, 77)]), (2, 131, 77, [(100, 77), (131, 50)])]
+
+
+def _eager(model: dabdetr.DabDetr, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model(inputs["images"], inputs["mask"])
+    results = [out.pred_logits, out.pred_boxes]
+    if "target_sizes" in inputs:
+        processed = dabdetr.postprocess(out, inputs["target_sizes"], num_select=NUM_SELECT)
+        results += [torch.stack([r[key] for r in processed]) for key in ("scores", "labels", "boxes")]
+    return results
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(model, ONNX file with post-processing) per variant, exported once."""
+    torch.manual_seed(0)
+    model = perturbed_model(tiny_config(**VARIANTS[request.param]))
+    path = tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx"
+    export_onnx(model, path, postprocess=True, num_select=NUM_SELECT)
+    return model, path
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}_{c[1]}x{c[2]}")
+def test_onnx_parity_with_postprocess(exported, case) -> None:
+    model, path = exported
+    detector = OnnxDetector(path)
+    assert detector.input_names == ["images", "mask", "target_sizes"]
+    assert detector.num_select == NUM_SELECT and detector.config == model.config
+    inputs = parity_inputs(*case[:3], case[3], postprocess=True, seed=case[0])
+    outputs = detector.run(inputs)
+    names = detector.output_names
+    assert names == ["pred_logits", "pred_boxes", "scores", "labels", "boxes"]
+    reference = _eager(model, inputs)
+    for name, out, ref in zip(names, outputs, reference, strict=True):
+        assert out.shape == ref.shape and out.dtype == ref.dtype, name
+    diffs = max_abs_differences(reference, outputs, names, inputs["target_sizes"])
+    assert max(diffs.values()) <= PARITY_TOLERANCE, diffs
+    # and `labels`/`boxes` really are the postprocess of `pred_*` (not only close to eager)
+    torch.testing.assert_close(outputs[3], reference[3], rtol=0, atol=0)
+
+
+def test_onnx_without_postprocess_and_padding_properties(tmp_path: Path) -> None:
+    model = perturbed_model(tiny_config(num_patterns=2))
+    path = export_onnx(model, tmp_path / "raw.onnx", postprocess=False)
+    detector = OnnxDetector(path)
+    assert detector.input_names == ["images", "mask"]
+    assert detector.output_names == ["pred_logits", "pred_boxes"] and detector.num_select is None
+    for case in CASES:
+        inputs = parity_inputs(*case[:3], case[3], seed=5)
+        diffs = max_abs_differences(_eager(model, inputs), detector.run(inputs), detector.output_names)
+        assert max(diffs.values()) <= PARITY_TOLERANCE, (case, diffs)
+    # called like the model: DetectionOutput, mask optional
+    inputs = parity_inputs(1, 64, 96)
+    out = detector(inputs["images"])
+    torch.testing.assert_close(out.pred_logits, _eager(model, inputs)[0], atol=1e-4, rtol=0)
+    # an existing file is never replaced without overwrite=True
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_onnx(model, path)
+
+
+def test_golden_official_layout_in_onnxruntime(golden_dir: Path, tmp_path: Path) -> None:
+    """The authors' checkpoint layout exports and reproduces their outputs in onnxruntime."""
+    io = torch.load(golden_dir / "io.pt", weights_only=True)
+    model = dabdetr.load_model(golden_dir / "checkpoint.pth")
+    detector = OnnxDetector(export_onnx(model, tmp_path / "golden.onnx"))
+    images, mask = dabdetr.batch_images(io["images"])
+    out = detector(images, mask)
+    torch.testing.assert_close(out.pred_logits, io["pred_logits"], atol=PARITY_TOLERANCE, rtol=0)
+    torch.testing.assert_close(out.pred_boxes, io["pred_boxes"], atol=PARITY_TOLERANCE, rtol=0)
+    results = dabdetr.postprocess(out, [[480, 640], [375, 500]], num_select=30)
+    for ours, theirs in zip(results, io["results"], strict=True):
+        torch.testing.assert_close(ours["scores"], theirs["scores"], atol=PARITY_TOLERANCE, rtol=0)
+        assert torch.equal(ours["labels"], theirs["labels"])
+
+
+def test_exported_program_round_trip(tmp_path: Path) -> None:
+    model = perturbed_model(tiny_config(two_stage=True))
+    program = export_program(model, postprocess=True, num_select=NUM_SELECT)
+    path = save_program(program, model.config, tmp_path / "model.pt2")
+    loaded, config = load_program(path)
+    assert config == model.config
+    module = loaded.module()
+    for case in CASES:
+        inputs = parity_inputs(*case[:3], case[3], postprocess=True, seed=7)
+        with torch.no_grad():
+            outputs = module(**inputs)
+        diffs = max_abs_differences(_eager(model, inputs), outputs,
+                                    ["pred_logits", "pred_boxes", "scores", "labels", "boxes"],
+                                    inputs["target_sizes"])
+        assert max(diffs.values()) <= PARITY_TOLERANCE, (case, diffs)
+    assert not model.training  # the model's mode is left as it was
+    with pytest.raises(FileExistsError):
+        save_program(program, model.config, path)
+
+
+def test_unexportable_options_are_refused_by_name() -> None:
+    model = dabdetr.DabDetr(tiny_config(pad_invariant=True))
+    with pytest.raises(ValueError, match="pad_invariant"):
+        export_program(model)
+    with pytest.raises(ValueError, match="static_size"):
+        export_program(dabdetr.DabDetr(tiny_config()), static_size=(64,))
+    with pytest.raises(TypeError, match="DabDetr"):
+        export_program(torch.nn.Linear(2, 2))
+
+
+def test_denoising_model_exports_its_inference_graph() -> None:
+    """Denoising queries are training-only: a model trained with them exports as without."""
+    model = perturbed_model(tiny_config(dn_groups=2)).train()
+    program = export_program(model, static_size=(64, 96))
+    assert model.training  # restored
+    model.eval()
+    inputs = parity_inputs(2, 64, 96, [(64, 96), (40, 70)])
+    with torch.no_grad():
+        outputs = program.module()(**inputs)
+    diffs = max_abs_differences(_eager(model, inputs), outputs, ["pred_logits", "pred_boxes"])
+    assert max(diffs.values()) <= PARITY_TOLERANCE, diffs
+
+
+def test_cli_export_exported_program(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dabdetr.cli import main
+
+    model = perturbed_model(tiny_config())
+    dabdetr.save_model(model, tmp_path / "w")
+    out = tmp_path / "m.pt2"
+    args = ["export", "--weights", str(tmp_path / "w"), "--format", "exported-program",
+            "--out", str(out), "--static", "96", "128"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    diffs = [float(v) for line in printed.splitlines() if "max abs difference" in line
+             for v in line.split(": ", 1)[1].replace(",", "").split()[1::2]]
+    assert len(diffs) == 4 and max(diffs) <= PARITY_TOLERANCE, printed
+    assert load_program(out)[1] == model.config
+    # an existing file is kept unless --force, and refused before any export work
+    before = out.stat().st_mtime_ns
+    assert main(args) == 2
+    assert "--force" in capsys.readouterr().err and out.stat().st_mtime_ns == before
+
+
+def test_cli_parity_verdict(capsys: pytest.CaptureFixture[str]) -> None:
+    from dabdetr.export_cli import report_parity
+
+    good = [{"pred_logits": 3e-6, "pred_boxes": 1e-7}, {"pred_logits": 2e-6, "pred_boxes": 0.0}]
+    assert report_parity(good, "onnxruntime") == 0
+    bad = [{"pred_logits": 3e-6, "pred_boxes": 1e-7}, {"pred_logits": 2e-3, "pred_boxes": 0.0}]
+    assert report_parity(bad, "onnxruntime") == 1
+    assert "2.00e-03" in capsys.readouterr().err
