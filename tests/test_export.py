@@ -24,8 +24,9 @@ pytest.importorskip("onnxruntime", reason="the export extra (pip install dabdetr
 from dabdetr.runtime import OnnxDetector  # noqa: E402
 
 NUM_SELECT = 10
+NAMES = {0: "circle", 1: "square", 2: "triangle", 3: "star", 4: "cross"}
 VARIANTS = {
-    "base": {},
+    "base": {"id2label": NAMES, "class_to_category": [2, 4, 6, 8, 10]},
     "patterns": {"num_patterns": 2},
     "dc5": {"dilation": True},
     "two_stage": {"two_stage": True},
@@ -46,14 +47,31 @@ def _eager(model: dabdetr.DabDetr, inputs: dict[str, torch.Tensor]) -> list[torc
     return results
 
 
+class Exports:
+    """Each variant's (model, ONNX file with post-processing), exported once per module."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.done: dict[str, tuple[dabdetr.DabDetr, Path]] = {}
+
+    def get(self, variant: str) -> tuple[dabdetr.DabDetr, Path]:
+        if variant not in self.done:
+            torch.manual_seed(0)
+            model = perturbed_model(tiny_config(**VARIANTS[variant]))
+            path = export_onnx(model, self.folder / f"{variant}.onnx", postprocess=True,
+                               num_select=NUM_SELECT)
+            self.done[variant] = model, path
+        return self.done[variant]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> Exports:
+    return Exports(tmp_path_factory.mktemp("onnx"))
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """(model, ONNX file with post-processing) per variant, exported once."""
-    torch.manual_seed(0)
-    model = perturbed_model(tiny_config(**VARIANTS[request.param]))
-    path = tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx"
-    export_onnx(model, path, postprocess=True, num_select=NUM_SELECT)
-    return model, path
+def exported(request: pytest.FixtureRequest, exports: Exports) -> tuple[dabdetr.DabDetr, Path]:
+    return exports.get(request.param)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}_{c[1]}x{c[2]}")
@@ -180,3 +198,64 @@ def test_cli_parity_verdict(capsys: pytest.CaptureFixture[str]) -> None:
     bad = [{"pred_logits": 3e-6, "pred_boxes": 1e-7}, {"pred_logits": 2e-3, "pred_boxes": 0.0}]
     assert report_parity(bad, "onnxruntime") == 1
     assert "2.00e-03" in capsys.readouterr().err
+
+
+def _noise_image(path: Path, size: tuple[int, int], seed: int) -> None:
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(seed))
+    Image.fromarray(pixels.numpy()).save(path)
+
+
+def test_predict_backends_agree(exports: Exports, tmp_path: Path) -> None:
+    """`dabdetr predict` gives the same JSONL, COCO results and drawings with either backend."""
+    import json
+
+    from dabdetr.cli import main
+
+    model, onnx_path = exports.get("base")
+    dabdetr.save_model(model, tmp_path / "w")
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, size in enumerate([(64, 48), (64, 48), (50, 70), (64, 48), (96, 40)]):
+        _noise_image(src / f"{i}.png", size, seed=i)
+    common = [str(src), "--size", "64", "--max-size", "96", "--threshold", "0.05",
+              "--batch-size", "2", "--workers", "1"]
+    assert main(["predict", *common, "--weights", str(tmp_path / "w"), "--device", "cpu",
+                 "--out", str(tmp_path / "torch")]) == 0
+    assert main(["predict", *common, "--weights", str(onnx_path), "--backend", "onnxruntime",
+                 "--out", str(tmp_path / "ort")]) == 0
+
+    def records(run: str) -> dict[str, dict]:
+        lines = (tmp_path / run / "predictions.jsonl").read_text().splitlines()
+        return {r["key"]: r for r in map(json.loads, lines)}
+
+    ours, theirs = records("torch"), records("ort")
+    assert sorted(ours) == sorted(theirs) == sorted(str(p) for p in src.iterdir())
+    total = 0
+    for key, record in ours.items():
+        other = theirs[key]
+        assert (record["height"], record["width"]) == (other["height"], other["width"])
+        assert len(record["detections"]) == len(other["detections"]) > 0, key
+        for a, b in zip(record["detections"], other["detections"], strict=True):
+            assert (a["label"], a["name"], a["category_id"]) == (b["label"], b["name"], b["category_id"])
+            assert a["score"] == pytest.approx(b["score"], abs=2e-5)
+            assert a["bbox"] == pytest.approx(b["bbox"], abs=0.011)  # rounded to 0.01 px
+            total += 1
+    assert {d["name"] for r in ours.values() for d in r["detections"]} <= set(NAMES.values())
+    coco = [json.loads((tmp_path / run / "detections.json").read_text()) for run in ("torch", "ort")]
+    assert len(coco[0]) == len(coco[1]) == total
+    drawings = [sorted(p.name for p in (tmp_path / run / "images").iterdir()) for run in ("torch", "ort")]
+    assert drawings[0] == drawings[1] == [f"{i}.jpg" for i in range(5)]
+
+
+def test_onnxruntime_backend_refuses_pytorch_options(exports: Exports, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from dabdetr.cli import main
+
+    _, onnx_path = exports.get("base")
+    _noise_image(tmp_path / "a.png", (32, 32), seed=0)
+    code = main(["predict", str(tmp_path / "a.png"), "--weights", str(onnx_path), "--backend",
+                 "onnxruntime", "--optimize", "fused", "--out", str(tmp_path / "out")])
+    assert code == 2 and "--optimize" in capsys.readouterr().err

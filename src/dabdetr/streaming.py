@@ -73,7 +73,7 @@ def _describe(err: BaseException) -> str:
 
 def _video_frames(path: str) -> Iterator[tuple[int, float | None, Image.Image | None, str]]:
     """(index, time, RGB image or None, error) for each frame PyAV decodes from `path`; a packet
-    that fails to decode yields one error (index -1) and decoding goes on."""
+    that fails to decode yields one error (no image) and decoding goes on."""
     import av
 
     index = 0
@@ -83,7 +83,7 @@ def _video_frames(path: str) -> Iterator[tuple[int, float | None, Image.Image | 
             try:
                 frames = packet.decode()
             except av.error.FFmpegError as err:
-                yield -1, None, None, f"corrupt packet at pts {packet.pts}: {_describe(err)}"
+                yield index, None, None, f"corrupt packet after frame {index - 1}: {_describe(err)}"
                 continue
             for frame in frames:
                 yield index, frame.time, frame.to_image(), ""
@@ -121,7 +121,7 @@ class FrameDataset(IterableDataset):
         try:
             for index, time, image, error in _video_frames(file):
                 if error:
-                    yield Frame(file, index, error=error)
+                    yield Frame(file, error=error)
                 elif frame_key(file, index) not in self.done:
                     yield self._frame(file, image, index, time)
         except Exception as err:  # unopenable or broken containers (PyAV's FFmpegError, OSError)
@@ -190,7 +190,10 @@ def stream_predictions(files: Sequence[str], predictor: Predictor, *,
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                         prefetch_factor=2 * batch_size if workers else None)
     count = 0
-    with tqdm(desc="predict", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    has_video = any(Path(f).suffix.lower() in VIDEO_SUFFIXES for f in files)
+    total = None if has_video else len(set(files) - done)  # a video's frame count is a guess
+    with tqdm(desc="predict", unit="img", total=total, disable=not progress,
+              dynamic_ncols=True) as bar:
         for batch in _batches(iter(loader), batch_size, on_failure):
             detections = predictor.detect([f.tensor for f in batch], [f.size for f in batch])
             for det, frame in zip(detections, batch, strict=True):
