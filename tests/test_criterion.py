@@ -70,7 +70,7 @@ def test_criterion_matches_golden(golden):
     losses = criterion(golden_outputs(golden), golden["targets"])
     assert set(losses) == set(golden["losses"])
     for key, expected in golden["losses"].items():
-        weighted = (losses[key] * criterion.weight_dict[key]).item()
+        weighted = (losses[key] * criterion.weight(key)).item()
         assert weighted == pytest.approx(expected, rel=1e-4), key
     total = criterion.weighted_total(losses).item()
     assert total == pytest.approx(float(golden["loss_total"]), rel=1e-4)
@@ -182,11 +182,11 @@ def test_weight_dict_covers_every_key_and_extra_keys_ignored():
             t.update(image_id=torch.tensor(3), size=torch.tensor([10, 20]))
         criterion = SetCriterion(5)
         losses = criterion(out, targets)
-        assert set(losses) <= set(criterion.weight_dict)
         assert set(losses) == set(criterion.weight_dict_for(num_aux))
+        assert all(criterion.weight(k) == criterion.weight_dict_for(num_aux)[k] for k in losses)
         assert len(losses) == 3 * (num_aux + 1)
     with pytest.raises(ValueError, match="no weight"):
-        SetCriterion(5).weighted_total({"loss_ce_9": torch.tensor(1.0)})
+        SetCriterion(5).weighted_total({"loss_mask_9": torch.tensor(1.0)})
 
 
 def test_gradients_reach_every_layer():
@@ -272,3 +272,21 @@ def test_match_repeat_matches_each_target_k_times():
     for (q, t), n in zip(indices, [2, 3], strict=True):
         assert len(set(q.tolist())) == 3 * n  # distinct queries
         assert sorted((t % n).tolist()) == sorted(list(range(n)) * 3)
+
+
+def test_weights_are_fixed_at_construction():
+    """forward never edits the weight table: the same weights before and after, for any
+    number of auxiliary layers, and the table cannot be edited from outside."""
+    criterion = SetCriterion(5, weight_dict={"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0})
+    before = dict(criterion.weight_dict)
+    for num_aux in (0, 3):
+        out, targets = random_batch([2, 1], num_aux=num_aux)
+        losses = criterion(out, targets)
+        assert dict(criterion.weight_dict) == before
+        assert criterion.weight("loss_ce_2" if num_aux else "loss_ce") == 2.0
+        total = sum(v * before["_".join(k.split("_")[:2])] for k, v in losses.items())
+        torch.testing.assert_close(criterion.weighted_total(losses), total)
+    with pytest.raises(TypeError):
+        criterion.weight_dict["loss_ce"] = 1.0
+    with pytest.raises(KeyError):
+        criterion.weight("loss_mask")
