@@ -45,8 +45,8 @@ NUM_SELECT_KEY = "dabdetr.num_select"
 PROGRAM_CONFIG_FILE = "config.json"
 
 __all__ = ["DEFAULT_OPSET", "DetectorGraph", "check_exportable", "export_onnx", "export_program",
-           "parity_inputs", "max_abs_differences", "load_program", "refuse_existing",
-           "save_program"]
+           "parity_inputs", "max_abs_differences", "load_program", "program_to_onnx",
+           "refuse_existing", "save_program"]
 
 
 def check_exportable(config: DabDetrConfig) -> None:
@@ -220,22 +220,33 @@ def export_onnx(model: DabDetr, path: str | os.PathLike, *, opset: int = DEFAULT
                 static_size: Sequence[int] | None = None, overwrite: bool = False) -> Path:
     """Export the model's inference graph to an ONNX file and check it with `onnx.checker`.
 
-    Same graph and arguments as `export_program`; `opset` is the ONNX opset (18 is the
-    exporter's own). The model config and num_select are stored as metadata. An existing file
-    is replaced only with `overwrite=True`. Returns the path.
+    Same graph and arguments as `export_program` (whose result goes through `program_to_onnx`);
+    `opset` is the ONNX opset (18 is the exporter's own). An existing file is replaced only with
+    `overwrite=True`. Returns the path.
     """
+    refuse_existing(path, overwrite)
+    program = export_program(model, postprocess=postprocess, num_select=num_select,
+                             static_size=static_size)
+    return program_to_onnx(program, model.config, path, opset=opset,
+                           num_select=num_select if postprocess else None, overwrite=overwrite)
+
+
+def program_to_onnx(program: ExportedProgram, config: DabDetrConfig, path: str | os.PathLike, *,
+                    opset: int = DEFAULT_OPSET, num_select: int | None = None,
+                    overwrite: bool = False) -> Path:
+    """Convert an `export_program` result to ONNX (torch's dynamo exporter), store `config`
+    and the post-processing `num_select` (None: a graph without) as metadata, save it as one
+    file and check it with `onnx.checker`. Returns the path."""
     import onnx
 
     path = Path(path)
     refuse_existing(path, overwrite)
-    program = export_program(model, postprocess=postprocess, num_select=num_select,
-                             static_size=static_size)
-    names = RAW_OUTPUTS + (POSTPROCESS_OUTPUTS if postprocess else ())
-    onnx_program = torch.onnx.export(program, (), None, opset_version=opset, output_names=list(names),
-                                     dynamo=True, verbose=False)
+    names = RAW_OUTPUTS + (POSTPROCESS_OUTPUTS if num_select is not None else ())
+    onnx_program = torch.onnx.export(program, (), None, opset_version=opset,
+                                     output_names=list(names), dynamo=True, verbose=False)
     metadata = onnx_program.model.metadata_props
-    metadata[CONFIG_KEY] = json.dumps(model.config.to_dict())
-    if postprocess:
+    metadata[CONFIG_KEY] = json.dumps(config.to_dict())
+    if num_select is not None:
         metadata[NUM_SELECT_KEY] = str(num_select)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx_program.save(path, external_data=False)
