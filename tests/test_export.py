@@ -12,6 +12,7 @@ from torch.export import ExportedProgram
 import dabdetr
 from dabdetr.export import (
     PARITY_TOLERANCE,
+    check_parity,
     export_onnx,
     export_program,
     load_program,
@@ -151,6 +152,28 @@ def test_exported_program_round_trip(exports: Exports, tmp_path: Path) -> None:
         assert max(diffs.values()) <= PARITY_TOLERANCE, (case, diffs)
     with pytest.raises(FileExistsError):
         save_program(program, model.config, path)
+
+
+# together with VARIANTS, every DabDetrConfig option but pad_invariant, in two models
+COMBINED_OPTIONS = {
+    "learned_pe_layer2": dict(position_embedding="learned", random_refpoints_xy=True,
+                              backbone_norm="batch", backbone_return_layer="layer2",
+                              activation="relu", pre_norm=True, aux_loss=False,
+                              query_scale_type="fix_elewise"),
+    "selection_patterns_r34": dict(backbone="resnet34", backbone_return_layer="layer3",
+                                   activation="gelu", two_stage=True, num_patterns=2,
+                                   keep_query_pos=True, iter_update=False,
+                                   bbox_embed_diff_each_layer=True, query_scale_type="cond_scalar"),
+}
+
+
+@pytest.mark.slow  # two more exports: minutes on 2 cores
+@pytest.mark.parametrize("options", list(COMBINED_OPTIONS))
+def test_every_model_option_exports(options: str, tmp_path: Path) -> None:
+    model = perturbed_model(tiny_config(**COMBINED_OPTIONS[options]))
+    path = export_onnx(model, tmp_path / "m.onnx", postprocess=True, num_select=NUM_SELECT)
+    reports = check_parity(model, OnnxDetector(path).run, postprocess=True, num_select=NUM_SELECT)
+    assert max(max(r.values()) for r in reports) <= PARITY_TOLERANCE, reports
 
 
 def test_unexportable_options_are_refused_by_name() -> None:
