@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2)")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads")
+    parser.add_argument("--device", choices=["cpu"], default="cpu",
+                        help="CPU only (onnxruntime's CPU execution provider)")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 ONNX side")
     parser.add_argument("--folder", type=int, default=0, metavar="N",
                         help="instead: predict N generated images, peak RSS at N/10 and N")
