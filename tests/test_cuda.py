@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _util import perturbed_model, tiny_cfg, tiny_config, tiny_dataset
+from _util import import_oracle, perturbed_model, tiny_cfg, tiny_config, tiny_dataset
 from PIL import Image
 
 import dabdetr
 from dabdetr.cli import main
-from dabdetr.engine.train import TrainConfig, Trainer
+from dabdetr.engine.config import TrainConfig
+from dabdetr.engine.trainer import Trainer
 from dabdetr.optimize import CUDAGraphed, optimize_for_inference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -116,7 +117,7 @@ def test_cuda_graphs_replay_the_fused_model():
 
 
 def test_cuda_matches_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = import_oracle("transformers")
     dabdetr.export_huggingface(_model(num_classes=91, inverse_sigmoid_eps=1e-5), tmp_path / "hf")
     hf = transformers.DabDetrForObjectDetection.from_pretrained(tmp_path / "hf").cuda().eval()
     ours = dabdetr.load_model(tmp_path / "hf", device="cuda")
@@ -154,7 +155,7 @@ def test_amp_training_on_cuda(data_dir, tmp_path, amp):
     assert first[amp] == pytest.approx(first["none"], rel=0.05)
     assert first[amp] != first["none"]  # autocast did change the arithmetic
     trainer.fit()
-    losses = [h["loss"] for h in map(json.loads, trainer.metrics_path.read_text().splitlines())
+    losses = [h["loss"] for h in map(json.loads, trainer.log.path.read_text().splitlines())
               if h.get("type") == "step" and "loss" in h]
     assert trainer.step == 4 and all(torch.isfinite(torch.tensor(losses)))
     ckpt = torch.load(tmp_path / amp / "last.pt", map_location="cpu", weights_only=True)

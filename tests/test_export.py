@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from _util import perturbed_model, tiny_config
-from torch.export import ExportedProgram
 
 import dabdetr
+from dabdetr.errors import OutputExistsError
 from dabdetr.export import (
     PARITY_TOLERANCE,
     check_parity,
@@ -24,12 +27,16 @@ from dabdetr.export import (
 
 pytest.importorskip("onnxruntime", reason="the export extra (pip install dabdetr[export])")
 
+from dabdetr.inference import Predictor  # noqa: E402
 from dabdetr.runtime import OnnxDetector  # noqa: E402
 
 NUM_SELECT = 10
 NAMES = {0: "circle", 1: "square", 2: "triangle", 3: "star", 4: "cross"}
+# the base model also stores a resize of its own, which the ONNX file must carry
+BASE = {"id2label": NAMES, "class_to_category": [2, 4, 6, 8, 10], "eval_size": 64,
+        "eval_max_size": 96}
+# one export per option variant, shared by its tests (about 35 s of CPU time each)
 VARIANTS = {
-    "base": {"id2label": NAMES, "class_to_category": [2, 4, 6, 8, 10]},
     # denoising queries are training-only: the model exports its inference graph
     "patterns": {"num_patterns": 2, "dn_groups": 2},
     "dc5": {"dilation": True},
@@ -51,35 +58,80 @@ def _eager(model: dabdetr.DabDetr, inputs: dict[str, torch.Tensor]) -> list[torc
     return results
 
 
-class Exports:
-    """Each variant's (model, ExportedProgram, ONNX file), with post-processing, made once."""
+@dataclass
+class CliRun:
+    code: int
+    printed: str
+    path: Path
 
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.done: dict[str, tuple[dabdetr.DabDetr, ExportedProgram, Path]] = {}
 
-    def get(self, variant: str) -> tuple[dabdetr.DabDetr, ExportedProgram, Path]:
-        if variant not in self.done:
-            torch.manual_seed(0)
-            model = perturbed_model(tiny_config(**VARIANTS[variant])).train()
-            program = export_program(model, postprocess=True, num_select=NUM_SELECT)
-            assert model.training  # exported in eval mode, the model's own mode restored
-            model.eval()
-            path = program_to_onnx(program, model.config, self.folder / f"{variant}.onnx",
-                                   num_select=NUM_SELECT)
-            self.done[variant] = model, program, path
-        return self.done[variant]
+def _run_cli(args: list[str]) -> CliRun:
+    from dabdetr.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(args)
+    return CliRun(code, out.getvalue(), Path(args[args.index("--out") + 1]))
+
+
+def _printed_diffs(printed: str) -> list[float]:
+    return [float(v) for line in printed.splitlines() if "max abs difference" in line
+            for v in line.split(": ", 1)[1].replace(",", "").split()[1::2]]
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory: pytest.TempPathFactory) -> Exports:
-    return Exports(tmp_path_factory.mktemp("onnx"))
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("export")
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def exported(request: pytest.FixtureRequest, exports: Exports) -> tuple[dabdetr.DabDetr, Path]:
-    model, _, path = exports.get(request.param)
-    return model, path
+@pytest.fixture(scope="module")
+def base(folder: Path) -> tuple[dabdetr.DabDetr, Path]:
+    """The base model and its saved weights folder."""
+    torch.manual_seed(0)
+    model = perturbed_model(tiny_config(**BASE))
+    dabdetr.save_model(model, folder / "w")
+    return model, folder / "w"
+
+
+@pytest.fixture(scope="module")
+def cli_onnx(base, folder: Path) -> CliRun:
+    """`dabdetr export --format onnx` of the base weights: dynamic, without post-processing."""
+    return _run_cli(["export", "--weights", str(base[1]), "--format", "onnx",
+                     "--out", str(folder / "raw.onnx")])
+
+
+@pytest.fixture(scope="module")
+def cli_program(base, folder: Path) -> CliRun:
+    """`dabdetr export --format exported-program --postprocess` of the base weights."""
+    return _run_cli(["export", "--weights", str(base[1]), "--format", "exported-program",
+                     "--postprocess", "--num-select", str(NUM_SELECT),
+                     "--out", str(folder / "base.pt2")])
+
+
+@pytest.fixture(scope="module")
+def base_onnx(base, cli_program: CliRun, folder: Path) -> tuple[dabdetr.DabDetr, Path]:
+    """The base model with post-processing in ONNX, converted from the saved ExportedProgram."""
+    assert cli_program.code == 0, cli_program.printed
+    program, config = load_program(cli_program.path)
+    return base[0], program_to_onnx(program, config, folder / "base.onnx", num_select=NUM_SELECT)
+
+
+def _variant_onnx(variant: str, folder: Path) -> tuple[dabdetr.DabDetr, Path]:
+    torch.manual_seed(0)
+    model = perturbed_model(tiny_config(**VARIANTS[variant])).train()
+    program = export_program(model, postprocess=True, num_select=NUM_SELECT)
+    assert model.training  # exported in eval mode, the model's own mode restored
+    model.eval()
+    return model, program_to_onnx(program, model.config, folder / f"{variant}.onnx",
+                                  num_select=NUM_SELECT)
+
+
+@pytest.fixture(scope="module",
+                params=["base", *[pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS]])
+def exported(request: pytest.FixtureRequest, folder: Path) -> tuple[dabdetr.DabDetr, Path]:
+    if request.param == "base":
+        return request.getfixturevalue("base_onnx")
+    return _variant_onnx(request.param, folder)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}_{c[1]}x{c[2]}")
@@ -101,10 +153,27 @@ def test_onnx_parity_with_postprocess(exported, case) -> None:
     torch.testing.assert_close(outputs[3], reference[3], rtol=0, atol=0)
 
 
-def test_onnx_without_postprocess_and_padding_properties(tmp_path: Path) -> None:
-    model = perturbed_model(tiny_config(num_patterns=2))
-    path = export_onnx(model, tmp_path / "raw.onnx", postprocess=False)
-    detector = OnnxDetector(path)
+def test_cli_export_onnx(base, cli_onnx: CliRun) -> None:
+    """`dabdetr export --format onnx` writes a checked file, prints its parity, keeps it."""
+    model, weights = base
+    assert cli_onnx.code == 0, cli_onnx.printed
+    diffs = _printed_diffs(cli_onnx.printed)
+    assert len(diffs) == 4 and max(diffs) <= PARITY_TOLERANCE, cli_onnx.printed
+    detector = OnnxDetector(cli_onnx.path)
+    assert detector.config == model.config
+    assert (detector.config.eval_size, detector.config.eval_max_size) == (64, 96)
+    predictor = Predictor(detector)  # the trained resize, not the default
+    assert (predictor.size, predictor.max_size) == (64, 96)
+    # an existing file is kept unless --force, and refused before any export work
+    before = cli_onnx.path.stat().st_mtime_ns
+    again = _run_cli(["export", "--weights", str(weights), "--format", "onnx",
+                      "--out", str(cli_onnx.path)])
+    assert again.code == 2 and cli_onnx.path.stat().st_mtime_ns == before
+
+
+def test_onnx_without_postprocess_and_padding_properties(base, cli_onnx: CliRun) -> None:
+    model = base[0]
+    detector = OnnxDetector(cli_onnx.path)
     assert detector.input_names == ["images", "mask"]
     assert detector.output_names == ["pred_logits", "pred_boxes"] and detector.num_select is None
     for case in CASES:
@@ -115,9 +184,9 @@ def test_onnx_without_postprocess_and_padding_properties(tmp_path: Path) -> None
     inputs = parity_inputs(1, 64, 96)
     out = detector(inputs["images"])
     torch.testing.assert_close(out.pred_logits, _eager(model, inputs)[0], atol=1e-4, rtol=0)
-    # an existing file is never replaced without overwrite=True
-    with pytest.raises(FileExistsError, match="overwrite"):
-        export_onnx(model, path)
+    # an existing file is never replaced without overwrite=True, and refused before exporting
+    with pytest.raises(OutputExistsError, match="--force"):
+        export_onnx(model, cli_onnx.path)
 
 
 @pytest.mark.slow  # a 256-wide model with 3 decoder layers: minutes to export on 2 cores
@@ -136,10 +205,14 @@ def test_golden_official_layout_in_onnxruntime(golden_dir: Path, tmp_path: Path)
         assert torch.equal(ours["labels"], theirs["labels"])
 
 
-def test_exported_program_round_trip(exports: Exports, tmp_path: Path) -> None:
-    model, program, _ = exports.get("two_stage")
-    path = save_program(program, model.config, tmp_path / "model.pt2")
-    loaded, config = load_program(path)
+def test_exported_program_round_trip(base, cli_program: CliRun, tmp_path: Path) -> None:
+    """The .pt2 of `dabdetr export --format exported-program` loads with its config and
+    reproduces the eager model, post-processing included, at both sizes and batch 1 and 2."""
+    model = base[0]
+    assert cli_program.code == 0, cli_program.printed
+    diffs = _printed_diffs(cli_program.printed)
+    assert len(diffs) == 2 * 5 and max(diffs) <= PARITY_TOLERANCE, cli_program.printed
+    loaded, config = load_program(cli_program.path)
     assert config == model.config
     module = loaded.module()
     for case in CASES:
@@ -150,8 +223,11 @@ def test_exported_program_round_trip(exports: Exports, tmp_path: Path) -> None:
                                     ["pred_logits", "pred_boxes", "scores", "labels", "boxes"],
                                     inputs["target_sizes"])
         assert max(diffs.values()) <= PARITY_TOLERANCE, (case, diffs)
-    with pytest.raises(FileExistsError):
-        save_program(program, model.config, path)
+    # save_program writes a new file, and never over an existing one without overwrite=True
+    copy = save_program(loaded, config, tmp_path / "copy.pt2")
+    assert load_program(copy)[1] == config
+    with pytest.raises(OutputExistsError):
+        save_program(loaded, config, copy)
 
 
 # together with VARIANTS, every DabDetrConfig option but pad_invariant, in two models
@@ -186,26 +262,6 @@ def test_unexportable_options_are_refused_by_name() -> None:
         export_program(torch.nn.Linear(2, 2))
 
 
-def test_cli_export_exported_program(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from dabdetr.cli import main
-
-    model = perturbed_model(tiny_config())
-    dabdetr.save_model(model, tmp_path / "w")
-    out = tmp_path / "m.pt2"
-    args = ["export", "--weights", str(tmp_path / "w"), "--format", "exported-program",
-            "--out", str(out), "--static", "96", "128"]
-    assert main(args) == 0
-    printed = capsys.readouterr().out
-    diffs = [float(v) for line in printed.splitlines() if "max abs difference" in line
-             for v in line.split(": ", 1)[1].replace(",", "").split()[1::2]]
-    assert len(diffs) == 4 and max(diffs) <= PARITY_TOLERANCE, printed
-    assert load_program(out)[1] == model.config
-    # an existing file is kept unless --force, and refused before any export work
-    before = out.stat().st_mtime_ns
-    assert main(args) == 2
-    assert "--force" in capsys.readouterr().err and out.stat().st_mtime_ns == before
-
-
 def test_cli_parity_verdict(capsys: pytest.CaptureFixture[str]) -> None:
     from dabdetr.export_cli import report_parity
 
@@ -224,24 +280,26 @@ def _noise_image(path: Path, size: tuple[int, int], seed: int) -> None:
     Image.fromarray(pixels.numpy()).save(path)
 
 
-def test_predict_backends_agree(exports: Exports, tmp_path: Path) -> None:
-    """`dabdetr predict` gives the same JSONL, COCO results and drawings with either backend."""
+def test_predict_backends_agree(base, base_onnx, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`dabdetr predict` gives the same JSONL, COCO results and drawings with either backend,
+    both at the resize stored with the model."""
     import json
 
     from dabdetr.cli import main
 
-    model, _, onnx_path = exports.get("base")
-    dabdetr.save_model(model, tmp_path / "w")
+    weights, onnx_path = base[1], base_onnx[1]
     src = tmp_path / "in"
     src.mkdir()
     for i, size in enumerate([(64, 48), (64, 48), (50, 70), (64, 48), (96, 40)]):
         _noise_image(src / f"{i}.png", size, seed=i)
-    common = [str(src), "--size", "64", "--max-size", "96", "--threshold", "0", "--num-select", "12",
-              "--batch-size", "2", "--workers", "1"]
-    assert main(["predict", *common, "--weights", str(tmp_path / "w"), "--device", "cpu",
+    common = [str(src), "--threshold", "0", "--num-select", "12", "--batch-size", "2",
+              "--workers", "1"]
+    assert main(["predict", *common, "--weights", str(weights), "--device", "cpu",
                  "--out", str(tmp_path / "torch")]) == 0
     assert main(["predict", *common, "--weights", str(onnx_path), "--backend", "onnxruntime",
                  "--out", str(tmp_path / "ort")]) == 0
+    assert capsys.readouterr().out.count("at short side 64 ") == 2
 
     def records(run: str) -> dict[str, dict]:
         lines = (tmp_path / run / "predictions.jsonl").read_text().splitlines()
@@ -266,12 +324,18 @@ def test_predict_backends_agree(exports: Exports, tmp_path: Path) -> None:
     assert drawings[0] == drawings[1] == [f"{i}.jpg" for i in range(5)]
 
 
-def test_onnxruntime_backend_refuses_pytorch_options(exports: Exports, tmp_path: Path,
+def test_onnxruntime_backend_refuses_pytorch_options(cli_onnx: CliRun, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     from dabdetr.cli import main
 
-    _, _, onnx_path = exports.get("base")
+    onnx_path = cli_onnx.path
     _noise_image(tmp_path / "a.png", (32, 32), seed=0)
     code = main(["predict", str(tmp_path / "a.png"), "--weights", str(onnx_path), "--backend",
                  "onnxruntime", "--optimize", "fused", "--out", str(tmp_path / "out")])
     assert code == 2 and "--optimize" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # a file that is not an ONNX export is refused by name, as a user's mistake
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    code = main(["predict", str(tmp_path / "a.png"), "--weights", str(tmp_path / "bad.onnx"),
+                 "--backend", "onnxruntime", "--out", str(tmp_path / "out")])
+    assert code == 2 and "bad.onnx" in capsys.readouterr().err

@@ -108,6 +108,15 @@ def test_resume_skips_what_is_done(tmp_path: Path, weights: Path,
             "--workers", "2", *SMALL]
     assert main(args) == 0
     first = _records(out)
+    # without --resume or --force the previous run is kept, even a JSONL-only one (killed
+    # before the COCO files were written)
+    (out / "detections.json").unlink()
+    (out / "images.json").unlink()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "predictions.jsonl" in err and "--resume" in err and "--force" in err
+    assert _records(out) == first
     for i in range(3, 5):
         _noise(src / f"{i}.png", (48, 64), seed=i)
     # a record cut short by a killed run is dropped, not glued to the next one
@@ -170,7 +179,9 @@ def test_bad_batch_options_are_clear_errors(tmp_path: Path, weights: Path,
     _noise(tmp_path / "a.png", (32, 32), seed=0)
     base = ["predict", str(tmp_path / "a.png"), "--weights", str(weights), "--out",
             str(tmp_path / "out"), *SMALL]
-    assert main([*base, "--batch-size", "0"]) == 2
-    assert "batch_size must be >= 1" in capsys.readouterr().err
+    for option, value in (("--batch-size", "0"), ("--workers", "-1")):
+        with pytest.raises(SystemExit) as exit_info:  # refused while parsing, one line
+            main([*base, option, value])
+        assert exit_info.value.code == 2 and option in capsys.readouterr().err
     assert main([*base, "--video-out", "--resume"]) == 2
     assert "--video-out cannot resume" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _util import tiny_config
@@ -67,10 +69,20 @@ def test_padded_cells_are_never_selected_and_batches_are_invariant():
 
 
 def test_fewer_cells_than_queries_fills_with_centred_anchors():
+    """2 x 2 cells for 8 queries: the 4 cell boxes, best first, then 4 anchors (0.5, 0.5, 0.1,
+    0.1) (the proposal size) in logit space: (0, 0, log(1/9), log(1/9))."""
     model = _model().eval()
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 64, 64))  # 2 x 2 cells, 8 queries
-    assert out.pred_boxes.shape == (1, 8, 4) and torch.isfinite(out.pred_boxes).all()
+        src, pos, mask = model.encode_image(torch.randn(1, 3, 64, 64), None)
+        memory = model.transformer.encode(src, pos, mask)
+        enc, anchors = model.query_selection(memory, mask, 2, 2)
+        out = model(torch.randn(1, 3, 64, 64))
+    assert anchors.shape == (1, 8, 4) and out.pred_boxes.shape == (1, 8, 4)
+    best = enc.pred_logits[0].amax(-1).topk(4).indices
+    torch.testing.assert_close(anchors[0, :4], inverse_sigmoid(enc.pred_boxes[0, best], 1e-3),
+                               atol=1e-4, rtol=1e-4)
+    fill = torch.tensor([0.0, 0.0, math.log(1 / 9), math.log(1 / 9)]).expand(4, 4)
+    torch.testing.assert_close(anchors[0, 4:], fill, atol=1e-6, rtol=0)
 
 
 def test_encoder_losses_are_weighted_and_train_the_selection_heads():

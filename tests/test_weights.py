@@ -88,7 +88,7 @@ def test_corrupt_and_unknown_files(tmp_path):
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(ValueError, match="without config.json"):
         dabdetr.load_model(tmp_path / "emptydir")
-    with pytest.raises(ValueError, match="neither an existing file"):
+    with pytest.raises(ValueError, match="missing.pth.* not found"):
         dabdetr.load_model(tmp_path / "missing.pth")
 
 
@@ -115,9 +115,25 @@ def test_fine_tune_to_other_class_count_reports_skipped_head(tmp_path):
 
 
 def test_hub_id_offline_error_says_how_to_use_a_local_path(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match="local directory"):
+    """The download is patched (no network): huggingface_hub's own offline error becomes a
+    ValueError that names the id, the cause and the local-directory alternative."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = []
+
+    def offline(repo_id, allow_patterns):
+        calls.append(repo_id)
+        raise LocalEntryNotFoundError("outgoing traffic has been disabled")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ValueError) as err:
         dabdetr.load_model("IDEA-Research/dab-detr-does-not-exist")
+    assert calls == ["IDEA-Research/dab-detr-does-not-exist"]
+    text = str(err.value)
+    assert "'IDEA-Research/dab-detr-does-not-exist'" in text
+    assert "LocalEntryNotFoundError: outgoing traffic has been disabled" in text
+    assert "pass the local directory instead" in text
 
 
 def test_hub_id_downloads_through_huggingface_hub(tmp_path, monkeypatch):
@@ -135,7 +151,8 @@ def test_hub_id_downloads_through_huggingface_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     loaded = dabdetr.load_model("someone/dab-detr-tiny")
-    assert calls == [("someone/dab-detr-tiny", ["config.json", "*.safetensors"])]
+    assert calls == [("someone/dab-detr-tiny",
+                      ["config.json", "*.safetensors", "preprocessor_config.json"])]
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).pred_logits, model(x).pred_logits, atol=1e-4, rtol=0)

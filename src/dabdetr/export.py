@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 
 from dabdetr.config import DabDetrConfig
+from dabdetr.errors import UserError
+from dabdetr.io_utils import atomic_path, check_writable_target
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.models.position_encoding import PositionEmbeddingLearned
 from dabdetr.postprocessing import top_detections
@@ -46,18 +48,18 @@ PROGRAM_CONFIG_FILE = "config.json"
 
 __all__ = ["DEFAULT_OPSET", "DetectorGraph", "check_exportable", "export_onnx", "export_program",
            "parity_inputs", "max_abs_differences", "load_program", "program_to_onnx",
-           "refuse_existing", "save_program"]
+           "save_program"]
 
 
 def check_exportable(config: DabDetrConfig) -> None:
-    """Raise ValueError naming each model option the exported graph cannot represent.
+    """Raise UserError naming each model option the exported graph cannot represent.
 
     `pad_invariant=True` runs the backbone once per distinct image size in the batch, a grouping
     read from the mask's values, which neither exporter can trace into one graph. Denoising
     queries (`dn_groups`) are training-only: the exported inference graph never has them.
     """
     if config.pad_invariant:
-        raise ValueError(
+        raise UserError(
             "pad_invariant=True cannot be exported: the backbone runs once per distinct image "
             "size in the batch, a grouping read from the mask's values. Load the weights with "
             "the override pad_invariant=false (the same weights; batches of one image, or of "
@@ -189,22 +191,14 @@ def export_program(model: DabDetr, *, postprocess: bool = False,
         model.train(was_training)
 
 
-def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
-    """FileExistsError if `path` exists and `overwrite` is False."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another path or allow overwriting "
-                              "(--force on the command line, overwrite=True in Python)")
-
-
 def save_program(program: ExportedProgram, config: DabDetrConfig, path: str | os.PathLike,
                  overwrite: bool = False) -> Path:
     """Write an ExportedProgram (`torch.export.save`) with the model config as an extra file."""
     path = Path(path)
-    refuse_existing(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, path,
-                      extra_files={PROGRAM_CONFIG_FILE: json.dumps(config.to_dict())})
+    check_writable_target(path, overwrite)
+    with atomic_path(path) as tmp:
+        torch.export.save(program, tmp,
+                          extra_files={PROGRAM_CONFIG_FILE: json.dumps(config.to_dict())})
     return path
 
 
@@ -222,9 +216,9 @@ def export_onnx(model: DabDetr, path: str | os.PathLike, *, opset: int = DEFAULT
 
     Same graph and arguments as `export_program` (whose result goes through `program_to_onnx`);
     `opset` is the ONNX opset (18 is the exporter's own). An existing file is replaced only with
-    `overwrite=True`. Returns the path.
+    `overwrite=True` (OutputExistsError otherwise). Returns the path.
     """
-    refuse_existing(path, overwrite)
+    check_writable_target(path, overwrite)
     program = export_program(model, postprocess=postprocess, num_select=num_select,
                              static_size=static_size)
     return program_to_onnx(program, model.config, path, opset=opset,
@@ -240,7 +234,7 @@ def program_to_onnx(program: ExportedProgram, config: DabDetrConfig, path: str |
     import onnx
 
     path = Path(path)
-    refuse_existing(path, overwrite)
+    check_writable_target(path, overwrite)
     names = RAW_OUTPUTS + (POSTPROCESS_OUTPUTS if num_select is not None else ())
     onnx_program = torch.onnx.export(program, (), None, opset_version=opset,
                                      output_names=list(names), dynamo=True, verbose=False)
@@ -248,9 +242,9 @@ def program_to_onnx(program: ExportedProgram, config: DabDetrConfig, path: str |
     metadata[CONFIG_KEY] = json.dumps(config.to_dict())
     if num_select is not None:
         metadata[NUM_SELECT_KEY] = str(num_select)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx_program.save(path, external_data=False)
-    onnx.checker.check_model(str(path), full_check=True)
+    with atomic_path(path) as tmp:
+        onnx_program.save(tmp, external_data=False)
+        onnx.checker.check_model(str(tmp), full_check=True)
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dabdetr.argtypes import positive_int
 from dabdetr.export import DEFAULT_NUM_SELECT, DEFAULT_OPSET, PARITY_TOLERANCE
 
 FORMATS = ("onnx", "exported-program")
@@ -18,12 +19,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="our model dir, a Hugging Face dir or hub id, or an authors' .pth")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="what to write")
     p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    p.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, help="ONNX opset")
     p.add_argument("--postprocess", action="store_true",
                    help="add the target_sizes input and the scores/labels/boxes outputs")
-    p.add_argument("--num-select", type=int, default=DEFAULT_NUM_SELECT,
+    p.add_argument("--num-select", type=positive_int, default=DEFAULT_NUM_SELECT,
                    help="top-k of --postprocess")
-    p.add_argument("--static", type=int, nargs=2, metavar=("H", "W"), default=None,
+    p.add_argument("--static", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
                    help="fix the image size (the batch stays dynamic)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides when loading the weights, e.g. dilation=true")
@@ -34,11 +35,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from dabdetr.cli import parse_overrides
-    from dabdetr.export import check_parity, export_onnx, export_program, refuse_existing, save_program
+    from dabdetr.config import parse_overrides
+    from dabdetr.export import check_parity, export_onnx, export_program, save_program
+    from dabdetr.io_utils import check_writable_target
     from dabdetr.weights.loading import load_model
 
-    refuse_existing(args.out, args.force)  # before the minutes an export can take
+    check_writable_target(args.out, args.force)  # before the minutes an export can take
     model = load_model(args.weights, **parse_overrides(args.set)).eval()
     options = dict(postprocess=args.postprocess, num_select=args.num_select,
                    static_size=args.static)

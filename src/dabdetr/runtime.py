@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from dabdetr.config import DabDetrConfig
+from dabdetr.errors import BadWeightsError
 from dabdetr.export import CONFIG_KEY, NUM_SELECT_KEY, POSTPROCESS_OUTPUTS, RAW_OUTPUTS
 from dabdetr.models.outputs import DetectionOutput
 
@@ -33,15 +34,20 @@ class OnnxDetector:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no ONNX file at {path}")
+            raise BadWeightsError(f"no ONNX file at {path}; give a file written by "
+                                  "`dabdetr export --format onnx`")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options,
-                                            providers=list(providers or ["CPUExecutionProvider"]))
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as err:  # onnxruntime's own types (InvalidProtobuf, Fail, ...)
+            raise BadWeightsError(f"onnxruntime cannot load {path} ({type(err).__name__}: "
+                                  f"{err}); give a file written by `dabdetr export`") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
         if CONFIG_KEY not in metadata:
-            raise ValueError(f"{path} is not a dabdetr export (no {CONFIG_KEY!r} metadata); "
+            raise BadWeightsError(f"{path} is not a dabdetr export (no {CONFIG_KEY!r} metadata); "
                              "write it with `dabdetr export`")
         self.config = DabDetrConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
         self.num_select = int(metadata[NUM_SELECT_KEY]) if NUM_SELECT_KEY in metadata else None
@@ -49,7 +55,7 @@ class OnnxDetector:
         self.output_names = [o.name for o in self.session.get_outputs()]
         expected = list(RAW_OUTPUTS + (POSTPROCESS_OUTPUTS if self.num_select else ()))
         if self.output_names != expected:
-            raise ValueError(f"{path} has outputs {self.output_names}, expected {expected}")
+            raise BadWeightsError(f"{path} has outputs {self.output_names}, expected {expected}")
 
     def eval(self) -> OnnxDetector:
         """No-op, for code that calls `.eval()` on a model."""

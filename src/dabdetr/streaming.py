@@ -28,7 +28,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
 from dabdetr.data.io import load_image_rgb
+from dabdetr.errors import BadDataError, UserError
 from dabdetr.inference import Detections, Predictor
+from dabdetr.io_utils import atomic_path, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +278,7 @@ def _records(path: Path) -> Iterator[dict[str, Any]]:
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number} is not JSON ({err}); "
+                raise BadDataError(f"{path} line {number} is not JSON ({err}); "
                                  "it is not a predictions file written by dabdetr") from err
 
 
@@ -297,7 +299,9 @@ def write_coco_files(jsonl: str | os.PathLike, out: str | os.PathLike) -> tuple[
     done = read_done(jsonl)
     num_images = num_dets = 0
     failed = []
-    with (out / "detections.json").open("w") as dets, (out / "images.json").open("w") as imgs:
+    with (atomic_path(out / "detections.json") as dets_tmp,
+          atomic_path(out / "images.json") as imgs_tmp,
+          dets_tmp.open("w") as dets, imgs_tmp.open("w") as imgs):
         dets.write("[")
         imgs.write("[")
         for record in _records(jsonl):
@@ -318,7 +322,7 @@ def write_coco_files(jsonl: str | os.PathLike, out: str | os.PathLike) -> tuple[
         imgs.write("\n]")
     failed_path = out / "failed.json"
     if failed:
-        failed_path.write_text(json.dumps(failed, indent=1))
+        atomic_write(failed_path, json.dumps(failed, indent=1))
     elif failed_path.exists():
         failed_path.unlink()  # a failure of an earlier run that this run resolved
     return num_images, num_dets, len(failed)
@@ -361,8 +365,9 @@ class _Drawings:
         while name in self.used:  # the same file name in two folders
             name += "_"
         self.used.add(name)
-        draw_detections(image, det.boxes, det.labels.tolist(), det.names, det.scores).save(
-            self.folder / f"{name}.jpg", quality=92)
+        drawing = draw_detections(image, det.boxes, det.labels.tolist(), det.names, det.scores)
+        with atomic_path(self.folder / f"{name}.jpg") as tmp:
+            drawing.save(tmp, format="JPEG", quality=92)
         if self.extra is not None:
             self.extra(det, image, str(self.folder / name))
 
@@ -396,7 +401,7 @@ def predict_to_folder(files: Sequence[str], predictor: Predictor, out: str | os.
     `extra_drawing(det, image, stem_path)` may add drawings next to an image's.
     """
     if resume and video_out:
-        raise ValueError("--video-out cannot resume: the annotated video would lack the frames "
+        raise UserError("--video-out cannot resume: the annotated video would lack the frames "
                          "predicted before; run without --resume to write it whole")
     out = Path(out)
     jsonl = out / "predictions.jsonl"
