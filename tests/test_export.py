@@ -35,7 +35,8 @@ NAMES = {0: "circle", 1: "square", 2: "triangle", 3: "star", 4: "cross"}
 # the base model also stores a resize of its own, which the ONNX file must carry
 BASE = {"id2label": NAMES, "class_to_category": [2, 4, 6, 8, 10], "eval_size": 64,
         "eval_max_size": 96}
-# one export per option variant, shared by its tests (about 35 s of CPU time each)
+# one export per option variant, shared by its tests; each costs about what the base model's
+# exports cost, so the variants run with the slow tests (-m slow)
 VARIANTS = {
     # denoising queries are training-only: the model exports its inference graph
     "patterns": {"num_patterns": 2, "dn_groups": 2},
