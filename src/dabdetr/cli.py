@@ -88,8 +88,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = [str(f) for f in find_images(args.inputs, IMAGE_SUFFIXES | VIDEO_SUFFIXES)
              if out_dir not in f.resolve().parents]
     if not files:
-        raise UserError(f"no images or videos found in {args.inputs}; give image or video "
-                        "files or folders holding them")
+        raise UserError(f"no images found in {args.inputs} (nor videos); give image or "
+                        "video files or folders holding them")
     model, device = _predict_model(args)
     predictor = Predictor(model, size=args.size, max_size=args.max_size,
                           num_select=args.num_select, threshold=args.threshold, device=device)
