@@ -299,12 +299,12 @@ def test_training_checkpoints_carry_the_eval_resize(tmp_path):
 
 
 def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys, weights, photos, tmp_path):
-    import dabdetr.inference
+    import dabdetr.streaming
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dabdetr.inference, "predict_files", interrupted)
+    monkeypatch.setattr(dabdetr.streaming, "stream_predictions", interrupted)
     code = main(["predict", str(photos), "--weights", str(weights), "--out",
                  str(tmp_path / "o"), *SMALL])
     assert code == 130

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import traceback
@@ -18,9 +17,10 @@ logger = logging.getLogger("dabdetr")
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="detect objects in images; writes COCO results + drawings",
+    p = sub.add_parser("predict", help="detect objects in images and videos (JSONL, COCO results, drawings)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="image files and/or directories (searched recursively)")
+    p.add_argument("inputs", nargs="+",
+                   help="image or video files and/or directories (searched recursively)")
     p.add_argument("--weights", required=True,
                    help="our model dir, a Hugging Face dir or hub id, or an authors' .pth")
     p.add_argument("--threshold", type=probability, default=0.5,
@@ -39,13 +39,22 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-draw", action="store_true", help="do not write images with boxes drawn")
     p.add_argument("--explain", type=non_negative_int, default=0, metavar="K",
                    help="also draw the decoder cross-attention of the K best detections' queries")
+    p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
+                   help="onnxruntime: --weights is an ONNX file from `dabdetr export` (CPU)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images of similar size per batch")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="decoding processes (0: none)")
+    p.add_argument("--resume", action="store_true",
+                   help="append to OUT/predictions.jsonl, skipping the inputs it already has")
+    p.add_argument("--video-out", action="store_true",
+                   help="write each input video with its detections drawn to OUT/videos/")
     from dabdetr.optimize import add_cli_argument
 
     add_cli_argument(p)
     p.set_defaults(func=cmd_predict)
 
 
-PREDICT_OUTPUTS = ("detections.json", "images.json", "failed.json", "images")
+PREDICT_OUTPUTS = ("predictions.jsonl", "detections.json", "images.json", "failed.json", "images",
+                   "videos")
 
 
 def check_predict_inputs(inputs: Sequence[str]) -> None:
@@ -55,75 +64,70 @@ def check_predict_inputs(inputs: Sequence[str]) -> None:
         raise UserError(f"no such file or folder: {shown}; check the image paths")
 
 
-def check_predict_out(out: Path, force: bool) -> None:
-    """OutputExistsError when --out holds a previous run's results and not `force`."""
+def check_predict_out(out: Path, force: bool, resume: bool = False) -> None:
+    """OutputExistsError when --out holds a previous run's results and neither `force` nor
+    `resume` (which goes on with that run) is set."""
     from dabdetr.errors import OutputExistsError
 
     previous = [name for name in PREDICT_OUTPUTS if (out / name).exists()]
-    if previous and not force:
+    if previous and not (force or resume):
         raise OutputExistsError(
-            f"{out} holds the results of a previous run ({', '.join(previous)}); pass --force "
-            "to replace them, or choose another --out")
+            f"{out} holds the results of a previous run ({', '.join(previous)}); pass --resume "
+            "to go on with it, --force to replace it, or choose another --out")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from dabdetr.inference import Predictor, find_images, predict_files
-    from dabdetr.io_utils import atomic_write
+    from dabdetr.inference import IMAGE_SUFFIXES, Predictor, find_images
+    from dabdetr.streaming import VIDEO_SUFFIXES, predict_to_folder
 
     check_predict_inputs(args.inputs)
     out = Path(args.out)
-    check_predict_out(out, args.force)
+    check_predict_out(out, args.force, args.resume)
     out_dir = out.resolve()
     # never feed our own drawings back in when --out sits inside an input folder
-    files = [f for f in find_images(args.inputs) if out_dir not in f.resolve().parents]
+    files = [str(f) for f in find_images(args.inputs, IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+             if out_dir not in f.resolve().parents]
     if not files:
-        raise UserError(f"no images found in {args.inputs}; give image files or folders "
-                        "holding them")
+        raise UserError(f"no images found in {args.inputs} (nor videos); give image or "
+                        "video files or folders holding them")
+    model, device = _predict_model(args)
+    predictor = Predictor(model, size=args.size, max_size=args.max_size,
+                          num_select=args.num_select, threshold=args.threshold, device=device)
+
+    def explain(det, img, stem: str) -> None:
+        _save_jpeg(explain_image(model, predictor, img, args.explain), Path(f"{stem}_attention.jpg"))
+
+    summary = predict_to_folder(
+        files, predictor, out, resume=args.resume, batch_size=args.batch_size,
+        workers=args.workers, draw=not args.no_draw, video_out=args.video_out,
+        extra_drawing=explain if args.explain > 0 else None)
+    print(f"{summary.predicted} images predicted, {summary.images} in {out / 'images.json'}, "
+          f"{summary.detections} detections >= {args.threshold} at short side {predictor.size} "
+          f"-> {out / 'detections.json'} (stream: {summary.jsonl})"
+          + ("" if args.no_draw else f", drawings in {out / 'images'}"))
+    if summary.failed:
+        print(f"{summary.failed} image(s) could not be read and were skipped "
+              f"(see {out / 'failed.json'})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _predict_model(args: argparse.Namespace):
+    """(model, device) of `dabdetr predict`: the PyTorch model (optimized as asked) or an
+    ONNX Runtime session of an exported file."""
+    if args.backend == "onnxruntime":
+        if args.optimize != "none" or args.explain > 0 or args.device not in (None, "cpu"):
+            raise UserError("--backend onnxruntime runs the exported graph on the CPU: drop "
+                            "--optimize, --explain and --device (they need the PyTorch model)")
+        from dabdetr.runtime import OnnxDetector
+
+        return OnnxDetector(args.weights), "cpu"
     from dabdetr.distributed import resolve_device
     from dabdetr.optimize import optimized
     from dabdetr.weights.loading import load_model
 
     device = str(resolve_device(args.device))
-    model = optimized(load_model(args.weights, device=device), args.optimize)
-    predictor = Predictor(model, size=args.size, max_size=args.max_size,
-                          num_select=args.num_select, threshold=args.threshold, device=device)
-    vis_dir = out / "images"
-    used_names: set[str] = set()
-
-    def save_drawing(det, img) -> None:
-        if args.no_draw:
-            return
-        name = Path(det.source).stem
-        while name in used_names:  # same file name in two folders
-            name += "_"
-        used_names.add(name)
-        _save_jpeg(draw_detections(img, det.boxes, det.labels.tolist(), det.names, det.scores),
-                   vis_dir / f"{name}.jpg")
-        if args.explain > 0:
-            _save_jpeg(explain_image(model, predictor, img, args.explain),
-                       vis_dir / f"{name}_attention.jpg")
-
-    from dabdetr.visualize import draw_detections
-
-    report = predict_files(files, predictor, on_result=save_drawing)
-    results, images = [], []
-    for image_id, det in enumerate(report.detections, start=1):
-        results.extend(det.to_coco(image_id))
-        images.append({"id": image_id, "file_name": det.source, "height": det.image_size[0],
-                       "width": det.image_size[1]})
-    atomic_write(out / "detections.json", json.dumps(results))
-    atomic_write(out / "images.json", json.dumps(images, indent=1))
-    if report.failed:
-        atomic_write(out / "failed.json", json.dumps(
-            [{"file": f, "error": e} for f, e in report.failed], indent=1))
-    print(f"{len(report.detections)} images, {len(results)} detections >= {args.threshold} "
-          f"at short side {predictor.size} -> {out / 'detections.json'}"
-          + ("" if args.no_draw else f", drawings in {vis_dir}"))
-    if report.failed:
-        print(f"{len(report.failed)} image(s) could not be read and were skipped "
-              f"(see {out / 'failed.json'})", file=sys.stderr)
-        return 1
-    return 0
+    return optimized(load_model(args.weights, device=device), args.optimize), device
 
 
 def _save_jpeg(image, path: Path) -> None:
@@ -217,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_predict, _add_convert, _add_synth):
         add(sub)
-    from dabdetr import demo
+    from dabdetr import demo, export_cli
     from dabdetr.engine import evaluate, train
 
-    for module in (train, evaluate, demo):
+    for module in (train, evaluate, demo, export_cli):
         module.add_cli(sub)
     for command in sub.choices.values():  # also accepted after the command: dabdetr predict -v
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
