@@ -82,7 +82,7 @@ def train_until(cfg, resume: Path | None, device: str | None) -> None:
 
 def evaluations(run_dir: Path) -> list[dict[str, Any]]:
     """The evaluated records of a run's metrics.jsonl, in step order."""
-    from dabdetr.engine.train import read_log
+    from dabdetr.engine.runlog import read_log
 
     return [r for r in read_log(run_dir / "metrics.jsonl", "epoch") if r.get("AP") is not None]
 

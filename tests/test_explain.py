@@ -186,3 +186,7 @@ def test_explain_cli_draws_queries_by_layers(query_type, tmp_path, capsys):
     code = main(["explain", str(tmp_path / "img.png"), "--weights", str(tmp_path / "w"),
                  "--out", str(tmp_path / "bad"), "--layer", "2", "--size", "64"])
     assert code == 2 and "layer 2 is out of range" in capsys.readouterr().err
+    # an existing picture is replaced only with --force
+    code = main(["explain", str(tmp_path / "img.png"), "--weights", str(tmp_path / "w"),
+                 "--out", str(tmp_path / "one"), "--size", "64", "--device", "cpu"])
+    assert code == 2 and "--force" in capsys.readouterr().err

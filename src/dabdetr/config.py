@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,49 @@ def check_dilation(dilation: bool, return_layer: str) -> None:
     if dilation and return_layer != "layer4":
         raise ValueError(
             f"dilation (DC5) applies to layer4; it cannot be used with {return_layer} output")
+
+
+# The JSON types a stored config may hold per field, beyond those of the field's default.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "id2label": (dict,), "class_to_category": (list, type(None)),
+    "eval_max_size": (int, type(None)),
+}
+
+
+def check_field_type(name: str, value: Any) -> None:
+    """ValueError if `value` cannot be the DabDetrConfig field `name` (as read from JSON)."""
+    default = DabDetrConfig.__dataclass_fields__[name].default
+    allowed = _FIELD_TYPES.get(name) or (
+        (int, float) if isinstance(default, float) else (type(default),))
+    wrong_bool = isinstance(value, bool) and bool not in allowed
+    if wrong_bool or not isinstance(value, allowed):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(f"model config field {name!r} must be {names}, got "
+                         f"{type(value).__name__} {value!r:.60}; fix config.json")
+    if name == "id2label" and not all(isinstance(v, str) for v in value.values()):
+        raise ValueError("model config field 'id2label' must map class indices to names")
+    if name == "class_to_category" and value is not None and not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError("model config field 'class_to_category' must be a list of integers")
+
+
+def resolve_eval_resize(config: DabDetrConfig, size: int | None = None,
+                        max_size: int | None = None) -> tuple[int, int | None]:
+    """(short side, long-side cap or None) for evaluation/inference of a model.
+
+    Without `size`: the model's own eval_size/eval_max_size. With `size` only: the model's
+    cap scaled by size / eval_size (the official 800/1333 ratio for published weights).
+    `max_size` 0 means no cap.
+    """
+    if size is None:
+        size = config.eval_size
+        cap = config.eval_max_size if max_size is None else max_size
+    elif max_size is None:
+        cap = (None if config.eval_max_size is None
+               else max(size, round(config.eval_max_size * size / config.eval_size)))
+    else:
+        cap = max_size
+    return size, (cap or None)
 
 
 @dataclass
@@ -93,6 +138,11 @@ class DabDetrConfig:
     num_classes: int = 91  # logits per query; 91 = COCO category ids 0..90 (0 unused)
     id2label: dict[int, str] = field(default_factory=dict)  # class index -> name
     class_to_category: list[int] | None = None  # class index -> dataset category id (None: same)
+    # The resize the weights were trained and evaluated with: short side eval_size, long side
+    # capped at eval_max_size (None: no cap). predict/evaluate use it unless told otherwise;
+    # the published checkpoints' is 800/1333.
+    eval_size: int = 800
+    eval_max_size: int | None = 1333
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,6 +188,9 @@ class DabDetrConfig:
                 f"class_to_category has {len(self.class_to_category)} entries but num_classes is "
                 f"{self.num_classes}"
             )
+        if self.eval_size < 1 or (self.eval_max_size is not None and self.eval_max_size < 1):
+            raise ValueError(f"eval_size ({self.eval_size}) and eval_max_size "
+                             f"({self.eval_max_size}) must be positive")
         # JSON turns int keys into strings; accept both.
         self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
 
@@ -177,10 +230,16 @@ class DabDetrConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DabDetrConfig:
+        """A config from plain data (e.g. a config.json); ValueError naming the first field
+        that is unknown or has a value of the wrong type."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a model config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown DabDetrConfig fields {unknown}; known fields: {sorted(known)}")
+        for name, value in data.items():
+            check_field_type(name, value)
         return cls(**data)
 
     def replace(self, **overrides: Any) -> DabDetrConfig:
@@ -197,3 +256,17 @@ class DabDetrConfig:
         if self.class_to_category is None:
             return class_index
         return self.class_to_category[class_index]
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE strings -> dict; values parsed as JSON when possible (true, 3, 0.5)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

@@ -212,43 +212,64 @@ def explain_image(model, predictor, image: Image.Image, queries: int = 4,
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
+    from dabdetr.argtypes import non_negative_int, positive_int
+
     p = sub.add_parser("explain", help="draw what the best queries attend to: positional "
                        "attention maps and anchors at every decoder layer",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("images", nargs="+", help="image files and/or directories")
     p.add_argument("--weights", required=True, help="anything `dabdetr predict` accepts")
-    p.add_argument("--queries", type=int, default=4, help="rows: the N best-scoring queries")
+    p.add_argument("--queries", type=positive_int, default=4,
+                   help="rows: the N best-scoring queries")
     p.add_argument("--layer", type=int, default=None,
-                   help="only this decoder layer (default: every layer)")
+                   help="only this decoder layer (negative: from the end; default: every layer)")
     p.add_argument("--out", default="explain", help="output directory")
-    p.add_argument("--size", type=int, default=800, help="resize the short side to this")
-    p.add_argument("--max-size", type=int, default=1333, help="cap on the long side")
+    p.add_argument("--force", action="store_true", help="replace pictures already in --out")
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="resize the short side to this (default: the model's evaluation size)")
+    p.add_argument("--max-size", type=non_negative_int, default=None,
+                   help="cap on the long side, 0 for none (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(func=_cmd_explain)
+
+
+def _targets(files: list[Path], out: Path, force: bool) -> list[Path]:
+    """One `<stem>_explain.png` per image in `out` (a repeated stem gets a `_`); refuses to
+    replace an existing picture unless `force`."""
+    from dabdetr.errors import OutputExistsError
+
+    targets, used = [], set()
+    for path in files:
+        name = path.stem
+        while name in used:  # the same file name in two folders
+            name += "_"
+        used.add(name)
+        targets.append(out / f"{name}_explain.png")
+    existing = [t.name for t in targets if t.exists()]
+    if existing and not force:
+        raise OutputExistsError(f"{out} already holds {', '.join(existing[:3])}; pass --force "
+                                "to replace them, or choose another --out")
+    return targets
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     from dabdetr.data.io import load_image_rgb
     from dabdetr.distributed import resolve_device
+    from dabdetr.errors import UserError
     from dabdetr.inference import Predictor, find_images
+    from dabdetr.io_utils import atomic_path
     from dabdetr.weights.loading import load_model
 
     files = find_images(args.images)
     if not files:
-        raise ValueError(f"no images found in {args.images}")
+        raise UserError(f"no images found in {args.images}; give image files or folders")
+    targets = _targets(files, Path(args.out), args.force)
     device = str(resolve_device(args.device))
     model = load_model(args.weights, device=device)
     predictor = Predictor(model, size=args.size, max_size=args.max_size, device=device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
-    for path in files:
+    for path, target in zip(files, targets, strict=True):
         picture = explain_image(model, predictor, load_image_rgb(path), args.queries, args.layer)
-        name = path.stem
-        while name in used:  # the same file name in two folders
-            name += "_"
-        used.add(name)
-        target = out / f"{name}_explain.png"
-        picture.save(target)
+        with atomic_path(target) as tmp:
+            picture.save(tmp, format="PNG")
         print(f"{path} -> {target}")
     return 0

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from dabdetr.config import resolve_eval_resize
 from dabdetr.data.batching import batch_images
 from dabdetr.data.io import load_image_rgb, to_rgb
-from dabdetr.data.transforms import OFFICIAL_EVAL_SIZE, OFFICIAL_MAX_SIZE, make_eval_transforms
+from dabdetr.data.transforms import make_eval_transforms
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.postprocessing import postprocess
 
@@ -71,14 +72,21 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 class Predictor:
-    """Wraps a model with the evaluation preprocessing and post-processing."""
+    """Wraps a model with the evaluation preprocessing and post-processing.
 
-    def __init__(self, model: DabDetr, size: int = OFFICIAL_EVAL_SIZE,
-                 max_size: int | None = OFFICIAL_MAX_SIZE, num_select: int = 300,
-                 threshold: float = 0.5, device: str | torch.device | None = None):
+    The resize is the model's own (`config.eval_size`/`eval_max_size`: what it was trained
+    and evaluated with) unless `size`/`max_size` are given; see `resolve_eval_resize`.
+    """
+
+    def __init__(self, model: DabDetr, size: int | None = None, max_size: int | None = None,
+                 num_select: int = 300, threshold: float = 0.5,
+                 device: str | torch.device | None = None):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold {threshold} is outside [0, 1]; scores are in [0, 1]")
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.model = model.to(self.device).eval()
-        self.transform = make_eval_transforms(size, max_size)
+        self.size, self.max_size = resolve_eval_resize(model.config, size, max_size)
+        self.transform = make_eval_transforms(self.size, self.max_size)
         self.num_select = num_select
         self.threshold = threshold
 

@@ -13,12 +13,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dabdetr import distributed as dist
-from dabdetr.config import DabDetrConfig
+from dabdetr.argtypes import non_negative_int, positive_int
+from dabdetr.config import DabDetrConfig, resolve_eval_resize
 from dabdetr.data.categories import CategoryMap
 from dabdetr.data.coco import CocoDetection, collate, resolve_split
 from dabdetr.data.transforms import make_eval_transforms
 from dabdetr.engine.evaluator import CocoEvaluator, format_table, load_coco_gt
 from dabdetr.engine.sampling import EpochSampler
+from dabdetr.io_utils import atomic_write, check_writable_target
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.postprocessing import postprocess
 
@@ -55,12 +57,14 @@ def run_evaluation(model: DabDetr, dataset: CocoDetection, evaluator: CocoEvalua
 
     Post-processing keeps the top `num_select` (query, class) pairs per image with boxes in
     original-image pixels, as the authors' evaluation. Returns the evaluator's metrics on
-    every process.
+    every process. Draws nothing from the global random generators: the loader (which seeds
+    its workers) has a generator of its own, so evaluating in the middle of a training run
+    leaves the run's dropout and denoising draws as they were.
     """
     sampler = EpochSampler(len(dataset), shuffle=False, rank=dist.get_rank(),
                            world_size=dist.get_world_size())
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                        num_workers=num_workers)
+                        num_workers=num_workers, generator=torch.Generator().manual_seed(0))
     was_training = model.training
     model.eval()
     evaluator.reset()
@@ -79,10 +83,12 @@ def run_evaluation(model: DabDetr, dataset: CocoDetection, evaluator: CocoEvalua
 
 
 def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: int = 1,
-                     device: str | None = None, eval_size: int = 800, max_size: int = 1333,
+                     device: str | None = None, eval_size: int | None = None,
+                     max_size: int | None = None,
                      num_select: int = 300, num_workers: int = 2, out: str | None = None,
                      progress: bool = True, optimize: str = "none") -> dict[str, Any]:
     """Load weights, evaluate on `data`/`split`, optionally write results JSON + metrics.
+    eval_size/max_size: the resize; None takes the model's own (`resolve_eval_resize`).
     optimize: one of `dabdetr.optimize.OPTIMIZE_CHOICES` (see `dabdetr.optimize.optimized`)."""
     from dabdetr.optimize import optimized
     from dabdetr.weights.loading import load_model
@@ -91,7 +97,9 @@ def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: in
     model = optimized(load_model(weights, device=str(dev)), optimize)
     images_dir, ann_file = resolve_split(data, split)
     categories = category_map_of(model.config)
-    dataset = CocoDetection(images_dir, ann_file, make_eval_transforms(eval_size, max_size),
+    size, cap = resolve_eval_resize(model.config, eval_size, max_size)
+    logger.info("evaluating at short side %d, long side at most %s", size, cap)
+    dataset = CocoDetection(images_dir, ann_file, make_eval_transforms(size, cap),
                             category_map=categories)
     if dataset.category_map.num_classes != model.config.num_classes:
         raise ValueError(f"the model predicts {model.config.num_classes} classes but the dataset "
@@ -101,9 +109,8 @@ def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: in
                              num_select, progress)
     if out and dist.is_main_process():
         out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
         evaluator.save_results(out_dir / "detections.json")
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -113,13 +120,18 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", required=True, help="any source load_model accepts")
     p.add_argument("--data", required=True, help="dataset dir (annotations/instances_SPLIT.json)")
     p.add_argument("--split", default="val")
-    p.add_argument("--batch-size", type=int, default=1, help="per process")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="per process")
     p.add_argument("--device", default=None)
-    p.add_argument("--eval-size", type=int, default=800, help="short side")
-    p.add_argument("--max-size", type=int, default=1333, help="long side cap")
-    p.add_argument("--num-select", type=int, default=300, help="top-k detections per image")
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--eval-size", "--size", type=positive_int, default=None,
+                   help="short side (default: the size the model was trained and evaluated at, "
+                   "stored with it; 800 for published weights)")
+    p.add_argument("--max-size", type=non_negative_int, default=None,
+                   help="long side cap, 0 for none (default: the model's, scaled with --size)")
+    p.add_argument("--num-select", type=positive_int, default=300,
+                   help="top-k detections per image")
+    p.add_argument("--num-workers", type=non_negative_int, default=2)
     p.add_argument("--out", default=None, help="write detections.json and metrics.json here")
+    p.add_argument("--force", action="store_true", help="replace the results in --out")
     from dabdetr.optimize import add_cli_argument
 
     add_cli_argument(p)
@@ -127,6 +139,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.out:
+        for name in ("detections.json", "metrics.json"):
+            check_writable_target(Path(args.out) / name, args.force)
     metrics = evaluate_weights(args.weights, args.data, args.split, args.batch_size,
                                args.device, args.eval_size, args.max_size, args.num_select,
                                args.num_workers, args.out, optimize=args.optimize)
