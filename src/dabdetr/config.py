@@ -28,6 +28,7 @@ def check_dilation(dilation: bool, return_layer: str) -> None:
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "id2label": (dict,), "class_to_category": (list, type(None)),
     "eval_max_size": (int, type(None)),
+    "modulate_hw_attn": (bool, type(None)), "iter_update": (bool, type(None)),
 }
 
 

@@ -215,15 +215,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     from dabdetr.argtypes import non_negative_int, positive_int
 
     p = sub.add_parser("explain", help="draw what the best queries attend to: positional "
-                       "attention maps and anchors at every decoder layer",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "attention maps and anchors at every decoder layer")
     p.add_argument("images", nargs="+", help="image files and/or directories")
     p.add_argument("--weights", required=True, help="anything `dabdetr predict` accepts")
     p.add_argument("--queries", type=positive_int, default=4,
-                   help="rows: the N best-scoring queries")
+                   help="rows: the N best-scoring queries (default 4)")
     p.add_argument("--layer", type=int, default=None,
                    help="only this decoder layer (negative: from the end; default: every layer)")
-    p.add_argument("--out", default="explain", help="output directory")
+    p.add_argument("--out", default="explain", help="output directory (default explain)")
     p.add_argument("--force", action="store_true", help="replace pictures already in --out")
     p.add_argument("--size", type=positive_int, default=None,
                    help="resize the short side to this (default: the model's evaluation size)")
