@@ -38,7 +38,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-select", type=positive_int, default=300, help="top-k before the threshold")
     p.add_argument("--no-draw", action="store_true", help="do not write images with boxes drawn")
     p.add_argument("--explain", type=non_negative_int, default=0, metavar="K",
-                   help="also draw the decoder cross-attention of the K best detections' queries")
+                   help="also draw the positional attention maps and anchors of the K best "
+                   "queries at every decoder layer (as `dabdetr explain`)")
     p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
                    help="onnxruntime: --weights is an ONNX file from `dabdetr export` (CPU)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="images of similar size per batch")
@@ -77,6 +78,7 @@ def check_predict_out(out: Path, force: bool, resume: bool = False) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from dabdetr.explain import explain_image
     from dabdetr.inference import IMAGE_SUFFIXES, Predictor, find_images
     from dabdetr.streaming import VIDEO_SUFFIXES, predict_to_folder
 
@@ -135,29 +137,6 @@ def _save_jpeg(image, path: Path) -> None:
 
     with atomic_path(path) as tmp:
         image.save(tmp, format="JPEG", quality=92)
-
-
-def explain_image(model, predictor, img, top_k: int):
-    """A grid: for each of the top-k (query, class) pairs, the query's cross-attention map."""
-    import torch
-
-    from dabdetr.data.batching import batch_images
-    from dabdetr.postprocessing import postprocess
-    from dabdetr.visualize import draw_attention, image_grid, query_attention
-
-    tensor = predictor.transform(img).to(predictor.device)
-    images, mask = batch_images([tensor])
-    outputs, maps = query_attention(model, images, mask)
-    scores = outputs.pred_logits[0].sigmoid()
-    num_classes = scores.shape[-1]
-    best = torch.topk(scores.flatten(), min(top_k, scores.numel())).indices
-    res = postprocess(outputs, [(img.height, img.width)], num_select=len(best))[0]
-    tiles = []
-    for i, flat in enumerate(best.tolist()):
-        query = flat // num_classes
-        caption = f"q{query} {model.config.label_name(flat % num_classes)} {float(res['scores'][i]):.2f}"
-        tiles.append(draw_attention(img, maps[0, query], res["boxes"][i], caption))
-    return image_grid(tiles, columns=min(4, len(tiles)))
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -221,10 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_predict, _add_convert, _add_synth):
         add(sub)
-    from dabdetr import demo, export_cli
+    from dabdetr import demo, explain, export_cli
     from dabdetr.engine import evaluate, train
 
-    for module in (train, evaluate, demo, export_cli):
+    for module in (train, evaluate, demo, explain, export_cli):
         module.add_cli(sub)
     for command in sub.choices.values():  # also accepted after the command: dabdetr predict -v
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,

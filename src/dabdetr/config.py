@@ -14,6 +14,7 @@ QUERY_SCALE_TYPES = ("cond_elewise", "cond_scalar", "fix_elewise")
 POSITION_EMBEDDINGS = ("sine", "learned")
 BACKBONE_NORMS = ("frozen", "batch")
 RETURN_LAYERS = ("layer2", "layer3", "layer4")
+QUERY_TYPES = ("dab", "anchor2d", "detr")
 
 
 def check_dilation(dilation: bool, return_layer: str) -> None:
@@ -27,6 +28,7 @@ def check_dilation(dilation: bool, return_layer: str) -> None:
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "id2label": (dict,), "class_to_category": (list, type(None)),
     "eval_max_size": (int, type(None)),
+    "modulate_hw_attn": (bool, type(None)), "iter_update": (bool, type(None)),
 }
 
 
@@ -94,17 +96,27 @@ class DabDetrConfig:
     position_embedding: str = "sine"
     pe_temperature_h: float = 20.0
     pe_temperature_w: float = 20.0
-    # anchor-box queries
+    # Decoder queries. query_type says what the positional part of a query is:
+    #   "dab": a learned 4-D anchor box (x, y, w, h), embedded by its sine (DAB-DETR);
+    #   "anchor2d": a learned 2-D point (x, y), embedded by its sine (Conditional / Anchor DETR);
+    #     boxes are predicted around it from a neutral size (w = h = 0.5, logit 0);
+    #   "detr": a learned d-dim vector, no anchor; boxes are sigmoid(bbox_embed(hs)) (DETR).
+    # See models/transformer.py `Decoder` for how each enters the attention.
+    query_type: str = "dab"
     num_queries: int = 300
     num_patterns: int = 0
     query_pe_temperature: float = 10000.0  # hard-coded upstream; the paper's text says 20
     random_refpoints_xy: bool = False  # "fixxy": x, y drawn uniform(0, 1)
     freeze_refpoints_xy: bool = True  # with random_refpoints_xy: really freeze x, y (upstream didn't)
-    modulate_hw_attn: bool = True
+    # width/height-modulated positional attention (needs anchor w, h: "dab" only).
+    # None: the query type's default (on for "dab", off otherwise).
+    modulate_hw_attn: bool | None = None
     keep_query_pos: bool = False
     query_scale_type: str = "cond_elewise"
     bbox_embed_diff_each_layer: bool = False
-    iter_update: bool = True  # iterative box refinement through the decoder
+    # Anchors updated by every decoder layer's box prediction (True) or static (False).
+    # None: the query type's default (on for "dab" and "anchor2d"; "detr" has no anchors).
+    iter_update: bool | None = None
     inverse_sigmoid_eps: float = 1e-3  # 1e-3 upstream, 1e-5 in transformers
     aux_loss: bool = True
     # Denoising queries (DN-DETR), training only: groups of noised ground-truth boxes fed to the
@@ -142,6 +154,8 @@ class DabDetrConfig:
                 raise ValueError(f"{name}={value!r} is not supported; choose one of {allowed}")
 
         check("backbone", self.backbone, BACKBONES)
+        check("query_type", self.query_type, QUERY_TYPES)
+        self._check_query_options()
         check("activation", self.activation, ACTIVATIONS)
         check("query_scale_type", self.query_scale_type, QUERY_SCALE_TYPES)
         check("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
@@ -180,6 +194,32 @@ class DabDetrConfig:
                              f"({self.eval_max_size}) must be positive")
         # JSON turns int keys into strings; accept both.
         self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+
+    def _check_query_options(self) -> None:
+        """Resolve the query-type defaults (None) and refuse options the query type cannot
+        express: modulation needs anchor widths and heights, updating needs an anchor."""
+        kind = self.query_type
+        if self.modulate_hw_attn is None:
+            self.modulate_hw_attn = kind == "dab"
+        if self.iter_update is None:
+            self.iter_update = kind != "detr"
+        if kind == "dab":
+            return
+        what = "2-D anchor points (no width or height)" if kind == "anchor2d" else "no anchors"
+        refused = []
+        if self.modulate_hw_attn:
+            refused.append("modulate_hw_attn=True (set modulate_hw_attn=False)")
+        if kind == "detr" and self.iter_update:
+            refused.append("iter_update=True (set iter_update=False)")
+        if kind == "detr" and self.random_refpoints_xy:
+            refused.append("random_refpoints_xy=True")
+        if self.two_stage:
+            refused.append("two_stage=True (query selection makes 4-D anchors: query_type='dab')")
+        if self.dn_groups > 0:
+            refused.append("dn_groups > 0 (denoising feeds 4-D boxes: query_type='dab')")
+        if refused:
+            raise ValueError(f"query_type={kind!r} has {what}, so it cannot take: "
+                             + "; ".join(refused))
 
     @property
     def total_queries(self) -> int:

@@ -201,6 +201,8 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DabDetrConfig:
 def config_to_hf(config: DabDetrConfig) -> dict[str, Any]:
     """A transformers config.json for our config; ValueError for what transformers lacks."""
     unsupported = []
+    if config.query_type != "dab":
+        unsupported.append(f"query_type={config.query_type!r}")
     if config.backbone_return_layer != "layer4":
         unsupported.append(f"backbone_return_layer={config.backbone_return_layer!r}")
     if config.backbone_norm != "frozen":

@@ -152,6 +152,11 @@ def infer_config(state_dict: dict[str, Tensor], args: dict[str, Any] | None = No
     values["pe_temperature_w"] = float(args.get("pe_temperatureW", 20))
     if "refpoint_embed.weight" in sd:
         values["num_queries"] = sd["refpoint_embed.weight"].shape[0]
+        if sd["refpoint_embed.weight"].shape[-1] == 2:  # learned points, not boxes
+            values["query_type"] = "anchor2d"
+    elif "query_embed.weight" in sd:  # learned positional vectors, no anchors
+        values["query_type"] = "detr"
+        values["num_queries"] = sd["query_embed.weight"].shape[0]
     elif "query_selection.class_embed.weight" in sd:
         # query selection keeps no per-query weights: the count comes from args or overrides
         values["two_stage"] = True
