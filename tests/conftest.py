@@ -11,7 +11,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 GOLDEN = SHARED / "golden" / "tiny_r18"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def golden_dir() -> Path:
     """The authors' golden vectors. Missing, they fail the run in CI (CI=true, as every CI
     service sets it) so parity can never pass by skipping; on a developer's machine the tests
