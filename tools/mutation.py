@@ -1,17 +1,20 @@
 """A fixed-list mutation check: does the test suite notice small bugs in the model, the matcher,
 the criterion and the training loop?
 
-Each mutant is (file under src/dabdetr, original snippet, replacement, why). The snippet must
-occur exactly once in its file, so a mutant stays the same bug under unrelated edits and fails
-loudly ("stale") when its code changes. For each mutant the script copies src/ to a temporary
-directory, applies the one change there (the working tree is never edited), and runs only the
-test files relevant to that source file with `pytest -x` and a timeout. A mutant is killed when
-pytest fails; it survives when the tests pass.
+Each mutant is (file under src/dabdetr, original snippet, replacement, test selection). The
+snippet must occur exactly once in its file, so a mutant stays the same bug under unrelated edits
+and fails loudly ("stale") when its code changes. First every test the chosen mutants will run
+is run once on the unmutated source (a test failing there would count as a kill). Then, for each
+mutant, the script copies src/ to a temporary directory, applies the one change there (the
+working tree is never edited), and runs the test files mapped to that source file (TESTS),
+narrowed by the mutant's pytest -k expression, with `pytest -x -m "not slow"` and a timeout. A
+mutant is killed when pytest fails; it survives when the tests pass.
 
     python tools/mutation.py                 # every mutant
-    python tools/mutation.py --list          # the mutants and their test files
+    python tools/mutation.py --list          # the mutants and the tests each runs
     python tools/mutation.py --only ema lr   # mutants whose name contains ema or lr
-    python tools/mutation.py --only "EMA decay" -k ema   # and only the tests matching -k
+    python tools/mutation.py --file engine/  # mutants of the files under engine/
+    python tools/mutation.py --only "EMA decay" -k ema   # tests matching -k instead of its own
 """
 
 from __future__ import annotations
@@ -322,6 +325,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="*", help="run mutants whose name contains any of these")
     p.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
+    p.add_argument("--file", nargs="*",
+                   help="run mutants of source files starting with any of these (e.g. engine/)")
     p.add_argument("-k", dest="select",
                    help="pytest -k expression replacing every mutant's own test selection")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
@@ -329,7 +334,8 @@ def main() -> int:
                    help="skip the run of the selected tests on the unmutated source")
     args = p.parse_args()
     chosen = [m for m in MUTANTS
-              if not args.only or any(o.lower() in m.name.lower() for o in args.only)]
+              if not args.only or any(o.lower() in m.name.lower() for o in args.only)
+              if not args.file or any(m.file.startswith(f) for f in args.file)]
     for m in chosen:  # every snippet must still match before anything runs
         apply_check = (ROOT / "src" / "dabdetr" / m.file).read_text().count(m.original)
         if apply_check != 1:
