@@ -12,7 +12,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 GOLDEN = SHARED / "golden" / "tiny_r18"
 
 
-@pytest.fixture
+@pytest.fixture(scope="package")
 def golden_dir() -> Path:
     """The authors' golden vectors. Missing, they fail the run in CI (CI=true, as every CI
     service sets it) so parity can never pass by skipping; on a developer's machine the tests
@@ -33,7 +33,7 @@ def _seed() -> None:
 DEFORM_GOLDEN = SHARED / "golden" / "deform_r50_small"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def deform_golden_dir() -> Path:
     """The DAB-Deformable-DETR golden vectors; on CI (CI=true) their absence is a failure."""
     if not (DEFORM_GOLDEN / "checkpoint.pth").is_file():
