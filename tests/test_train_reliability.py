@@ -5,7 +5,9 @@ torchrun's elastic agent, a run's folder kept from a new run."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,6 +162,24 @@ def test_category_mismatch_names_unpredictable_and_renamed_classes():
     unknown, renamed = category_mismatch(model, {1: "circle", 2: "box", 7: "star"})
     assert "1 of 3 categories the model cannot predict (7 'star')" in unknown
     assert "2 'square' in the model, 'box' in the dataset" in renamed
+
+
+def test_evaluate_warns_when_the_dataset_has_other_classes(data_dir, tmp_path, uninterrupted,
+                                                           caplog):
+    """The trained checkpoint on a copy of its dataset where one category is renamed and one
+    added: one warning line for each."""
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    ann = other / "annotations" / "instances_val.json"
+    coco = json.loads(ann.read_text())
+    coco["categories"][0]["name"] = "renamed"
+    coco["categories"].append({"id": 99, "name": "unseen"})
+    ann.write_text(json.dumps(coco))
+    assert main(["evaluate", "--weights", str(uninterrupted), "--data", str(other),
+                 "--num-workers", "0", "--device", "cpu"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("cannot predict (99 'unseen')" in w for w in warnings), warnings
+    assert any("'renamed' in the dataset" in w for w in warnings), warnings
 
 
 # -- deliver 4: a rank killed mid-epoch under torchrun's elastic agent
