@@ -27,6 +27,12 @@ class TrainingInterrupted(Exception):
                          "continue with --resume auto (or --resume PATH)")
 
 
+def ignore_ctrl_c(worker_id: int) -> None:
+    """A data-loader worker's `worker_init_fn`: Ctrl-C reaches every process of the terminal's
+    group; the training process finishes its step with the workers' batches and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class StopRequest:
     """While entered, SIGTERM and SIGINT only note that the run should stop (a second SIGINT
     stops at once, as Ctrl-C does); the previous handlers come back on exit. Outside the main

@@ -29,7 +29,7 @@ from dabdetr.engine.checkpoint import (
 from dabdetr.engine.config import TrainConfig
 from dabdetr.engine.evaluate import config_with_categories, run_evaluation
 from dabdetr.engine.evaluator import CocoEvaluator, load_coco_gt
-from dabdetr.engine.preemption import StopRequest, TrainingInterrupted
+from dabdetr.engine.preemption import StopRequest, TrainingInterrupted, ignore_ctrl_c
 from dabdetr.engine.runlog import RunLog, plot_history, read_log
 from dabdetr.engine.sampling import EpochSampler, SeededAugmentation
 from dabdetr.engine.schedule import LrSchedule, build_optimizer
@@ -248,7 +248,7 @@ class Trainer:
         return DataLoader(self.seeded, batch_size=self.cfg.batch_size, sampler=self.sampler,
                           collate_fn=collate, num_workers=self.cfg.num_workers,
                           persistent_workers=False, pin_memory=self.device.type == "cuda",
-                          generator=self.loader_generator)
+                          generator=self.loader_generator, worker_init_fn=ignore_ctrl_c)
 
     def _maybe_drop_lr_by_time(self, started: float) -> None:
         cfg = self.cfg
