@@ -67,8 +67,25 @@ def init_from_env(device: str | None = None) -> torch.device:
     if want_cuda:
         torch.cuda.set_device(local_rank)
     if not is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        backend = "nccl" if want_cuda else "gloo"
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            dist.init_process_group(backend=backend, store=_attempt_store(),
+                                    rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
+        else:
+            dist.init_process_group(backend=backend)
     return torch.device(f"cuda:{local_rank}") if want_cuda else torch.device("cpu")
+
+
+def _attempt_store() -> dist.Store:
+    """The rendezvous store of this attempt of a torchrun job. The elastic agent keeps one
+    store over the job's restarts: the processes of a restarted attempt would otherwise read
+    the addresses the processes of a failed attempt left there, and never connect."""
+    use_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]),
+                          is_master=not use_agent and os.environ["RANK"] == "0")
+    return dist.PrefixStore(f"dabdetr/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def destroy() -> None:

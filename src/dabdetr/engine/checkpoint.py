@@ -1,11 +1,10 @@
-"""Training checkpoints (written atomically, checked when read) and the random state a resumed
+"""Training checkpoints (checked when read) and the random state a resumed
 run needs to continue bit for bit."""
 
 from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,13 +54,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file then rename: a kill never leaves a half-written checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -156,20 +156,22 @@ def _parser(base: Callable[[str], Any], bound: Bound | None) -> Callable[[str], 
 
 
 def _add_field(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    """A switch that leaves its field out of the parsed arguments unless given (a resumed run
+    tells the flags given from the defaults); its help line names the default."""
     meta, flag = f.metadata, f.metadata["flag"] or "--" + f.name.replace("_", "-")
     if f.name == "model_overrides":
-        p.add_argument(flag, dest=f.name, nargs="*", default=[], metavar="KEY=VALUE",
-                       help=meta["help"])
+        p.add_argument(flag, dest=f.name, nargs="*", default=argparse.SUPPRESS,
+                       metavar="KEY=VALUE", help=meta["help"])
     elif f.type == "bool":  # its default goes without saying: the switch flips it
         p.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
                        default=argparse.SUPPRESS, help=meta["help"])
     else:
         kind = f.type.removesuffix(" | None")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        text = meta["help"] if f.name == "data" else f"{meta['help']} (default: {default})"
         p.add_argument(flag, dest=f.name, type=_parser(_PARSE[kind], meta["bound"]),
                        nargs="*" if kind.startswith("list") else None, choices=meta["choices"],
-                       default=argparse.SUPPRESS if f.name == "data" else default,
-                       required=f.name == "data", help=meta["help"])
+                       default=argparse.SUPPRESS, help=text)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -188,11 +190,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                            default=argparse.SUPPRESS, help=text)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of parsed `train` arguments; ValueError for a malformed --set item."""
+def given_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line (parsed `train` arguments), with
+    model_overrides from --set and the model switches (empty when none is given); ValueError
+    for a malformed --set item."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
               if hasattr(args, f.name)}
-    values["model_overrides"] = parse_overrides(args.model_overrides)
+    values["model_overrides"] = parse_overrides(getattr(args, "model_overrides", []))
     values["model_overrides"].update(
         {name: getattr(args, name) for name in MODEL_SWITCHES if hasattr(args, name)})
-    return TrainConfig(**values)
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed `train` arguments (TrainConfig's defaults for those not
+    given); ValueError for a malformed --set item."""
+    return TrainConfig(**given_values(args))

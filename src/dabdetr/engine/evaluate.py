@@ -82,6 +82,35 @@ def run_evaluation(model: DabDetr, dataset: CocoDetection, evaluator: CocoEvalua
     return evaluator.evaluate()
 
 
+def category_mismatch(model: CategoryMap, dataset: dict[int, str]) -> list[str]:
+    """One line per kind of mismatch between the categories a model predicts and a dataset's
+    (`dataset`: category id -> name): ids the model cannot predict, names that differ."""
+    unknown = sorted(i for i in dataset if not model.has_category(i))
+    renamed = sorted((i, model.name(model.category_to_class(i)), name)
+                     for i, name in dataset.items()
+                     if model.has_category(i) and model.name(model.category_to_class(i)) not in
+                     (None, name))
+    lines = []
+    if unknown:
+        shown = ", ".join(f"{i} {dataset[i]!r}" for i in unknown[:8]) + (
+            " ..." if len(unknown) > 8 else "")
+        lines.append(f"the dataset has {len(unknown)} of {len(dataset)} categories the model "
+                     f"cannot predict ({shown}): their objects count as missed")
+    if renamed:
+        shown = ", ".join(f"{i} {a!r} in the model, {b!r} in the dataset"
+                          for i, a, b in renamed[:5]) + (" ..." if len(renamed) > 5 else "")
+        lines.append(f"{len(renamed)} category id(s) are named differently ({shown}): is this "
+                     "the dataset the model was trained for?")
+    return lines
+
+
+def warn_category_mismatch(model: CategoryMap, ann_file: Path) -> None:
+    """Log `category_mismatch` of a model's map and a COCO annotation file's categories."""
+    cats = json.loads(Path(ann_file).read_text()).get("categories", [])
+    for line in category_mismatch(model, {c["id"]: c["name"] for c in cats}):
+        logger.warning("%s", line)
+
+
 def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: int = 1,
                      device: str | None = None, eval_size: int | None = None,
                      max_size: int | None = None,
@@ -104,6 +133,8 @@ def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: in
     if dataset.category_map.num_classes != model.config.num_classes:
         raise ValueError(f"the model predicts {model.config.num_classes} classes but the dataset "
                          f"maps to {dataset.category_map.num_classes}")
+    if categories is not None:
+        warn_category_mismatch(categories, ann_file)
     evaluator = CocoEvaluator(load_coco_gt(ann_file), dataset.category_map)
     metrics = run_evaluation(model, dataset, evaluator, dev, batch_size, num_workers,
                              num_select, progress)

@@ -13,16 +13,22 @@ logger = logging.getLogger(__name__)
 
 class RunLog:
     """The metrics.jsonl of a run in `folder`: one JSON record a line, appended to (a resumed
-    run goes on writing the same file); only the main process writes."""
+    run goes on writing the same file); only the main process writes, and a record that
+    cannot be written (full disk, read-only folder) is a warning, not the end of the run."""
 
     def __init__(self, folder: Path, write: bool = True):
         self.path, self.write = Path(folder) / "metrics.jsonl", write
 
     def append(self, record: dict[str, Any]) -> None:
-        if self.write:
+        if not self.write:
+            return
+        try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk or read-only folder: the run goes on without it
+            logger.warning("metrics record not written to %s: %s", self.path,
+                           err.strerror or err)
 
 
 def read_log(path: Path, record_type: str = "step") -> list[dict[str, Any]]:

@@ -20,7 +20,6 @@ from dabdetr import distributed as dist
 from dabdetr.data.coco import CocoDetection, collate, resolve_split
 from dabdetr.data.transforms import TransformRecipe
 from dabdetr.engine.checkpoint import (
-    atomic_save,
     rank_rng,
     read_checkpoint,
     rng_state,
@@ -30,9 +29,12 @@ from dabdetr.engine.checkpoint import (
 from dabdetr.engine.config import TrainConfig
 from dabdetr.engine.evaluate import config_with_categories, run_evaluation
 from dabdetr.engine.evaluator import CocoEvaluator, load_coco_gt
+from dabdetr.engine.preemption import StopRequest, TrainingInterrupted, ignore_ctrl_c
 from dabdetr.engine.runlog import RunLog, plot_history, read_log
 from dabdetr.engine.sampling import EpochSampler, SeededAugmentation
 from dabdetr.engine.schedule import LrSchedule, build_optimizer
+from dabdetr.errors import UnwritableError
+from dabdetr.io_utils import atomic_path
 from dabdetr.model_types import build_model, model_type_of
 from dabdetr.models.criterion import SetCriterion
 from dabdetr.models.dab_detr import DabDetr
@@ -108,7 +110,7 @@ class Trainer:
         model_cfg = model_cfg.replace(eval_size=recipe.eval_size,
                                       eval_max_size=recipe.eval_max_size)
         self.model = build_model(model_cfg).to(self.device)
-        if cfg.backbone_weights:
+        if cfg.backbone_weights and not resume:  # a resumed run's weights are all in it
             load_backbone_weights(self.model, cfg.backbone_weights)
         if cfg.weights and not resume:
             self._init_from(cfg.weights)
@@ -170,8 +172,14 @@ class Trainer:
 
     def _resume(self, path: str) -> None:
         ckpt = read_checkpoint(path)
-        if ckpt["config"] != self.model.config.to_dict():
-            raise ValueError(f"{path} was trained with another model config; cannot resume")
+        ours = self.model.config.to_dict()
+        if ckpt["config"] != ours:
+            differ = sorted(k for k in ours.keys() | ckpt["config"].keys()
+                            if ours.get(k) != ckpt["config"].get(k))
+            raise ValueError(
+                f"{path} was trained with another model config; cannot resume (differs in: "
+                + ", ".join(f"{k} {ckpt['config'].get(k)!r} there, {ours.get(k)!r} here"
+                            for k in differ) + ")")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         for group in self.optimizer.param_groups:
@@ -203,6 +211,9 @@ class Trainer:
 
     # -- checkpoints
     def checkpoint(self, name: str) -> Path | None:
+        """Write OUT/`name` (main process; every process must call it). A write that fails
+        (read-only folder, full disk) is a warning naming the path: the previous file stays,
+        the next checkpoint tries again, training goes on. Returns the path written, or None."""
         # mid-epoch, the loader generator's state before this epoch's loader drew: a resumed
         # run makes that loader again, which draws the same (its workers get the same seeds)
         loader_state = (self.loader_generator.get_state() if self.batch_in_epoch == 0
@@ -210,7 +221,6 @@ class Trainer:
         states = dist.all_gather_objects(rng_state(self.device, {"train_loader": loader_state}))
         if not dist.is_main_process():
             return None
-        self.out.mkdir(parents=True, exist_ok=True)
         ckpt = {
             "model": self.model.state_dict(), "config": self.model.config.to_dict(),
             "model_type": model_type_of(self.model.config),
@@ -223,7 +233,13 @@ class Trainer:
             "train_seconds": self.train_seconds, "rng": states,
         }
         path = self.out / name
-        atomic_save(ckpt, path)
+        try:
+            with atomic_path(path) as tmp:
+                torch.save(ckpt, tmp)
+        except UnwritableError as err:
+            logger.warning("checkpoint not saved: %s. Training goes on; the previous %s (if "
+                           "any) is kept and the next checkpoint tries again", err, name)
+            return None
         return path
 
     # -- the loop
@@ -234,7 +250,7 @@ class Trainer:
         return DataLoader(self.seeded, batch_size=self.cfg.batch_size, sampler=self.sampler,
                           collate_fn=collate, num_workers=self.cfg.num_workers,
                           persistent_workers=False, pin_memory=self.device.type == "cuda",
-                          generator=self.loader_generator)
+                          generator=self.loader_generator, worker_init_fn=ignore_ctrl_c)
 
     def _maybe_drop_lr_by_time(self, started: float) -> None:
         cfg = self.cfg
@@ -317,6 +333,28 @@ class Trainer:
                     "device %s x %d", cfg.model, self.model.num_parameters() / 1e6,
                     len(self.train_set), self.categories.num_classes, self.steps_per_epoch,
                     self.device, self.world)
+        with StopRequest() as stop:
+            self._run_epochs(started, stop)
+        summary = {"epochs": self.epoch, "steps": self.step, "images_seen": self.images_seen,
+                   "minutes": self.train_seconds / 60, "best_AP": self.best_ap,
+                   "skipped_images": self.skipped_images,
+                   "last": self.history[-1] if self.history else None}
+        if dist.is_main_process():
+            plot_history(self.history, self.out / "curves.png", read_log(self.log.path))
+        return summary
+
+    def _stop_for_signal(self, stop: StopRequest, started: float) -> None:
+        """When a signal asked every process to stop: write last.pt, raise
+        TrainingInterrupted."""
+        signum = stop.agreed(self.device)
+        if signum is None:
+            return
+        self.train_seconds = time.time() - started
+        self.checkpoint("last.pt")
+        raise TrainingInterrupted(signum, str(self.out / "last.pt"))
+
+    def _run_epochs(self, started: float, stop: StopRequest) -> None:
+        cfg = self.cfg
         stopped_early = False
         while self.epoch < cfg.epochs and not stopped_early:
             loader = self._loader()
@@ -351,6 +389,7 @@ class Trainer:
                                "minutes": (time.time() - started) / 60,
                                "lr": self.optimizer.param_groups[0]["lr"], **losses})
                 self._maybe_drop_lr_by_time(started)
+                self._stop_for_signal(stop, started)
                 if not self._budget_left(started):
                     stopped_early = True
                     break
@@ -360,13 +399,7 @@ class Trainer:
                 self.epoch += 1
                 self.batch_in_epoch = 0
             self.end_of_epoch(running, started, force_eval=stopped_early)
-        summary = {"epochs": self.epoch, "steps": self.step, "images_seen": self.images_seen,
-                   "minutes": self.train_seconds / 60, "best_AP": self.best_ap,
-                   "skipped_images": self.skipped_images,
-                   "last": self.history[-1] if self.history else None}
-        if dist.is_main_process():
-            plot_history(self.history, self.out / "curves.png", read_log(self.log.path))
-        return summary
+            self._stop_for_signal(stop, started)  # one that came while evaluating
 
     def end_of_epoch(self, running: dict[str, float], started: float, force_eval: bool) -> None:
         record: dict[str, Any] = {"type": "epoch", "epoch": self.epoch, "step": self.step,
