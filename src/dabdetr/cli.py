@@ -116,7 +116,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_model(args: argparse.Namespace):
     """(model, device) of `dabdetr predict`: the PyTorch model (optimized as asked) or an
-    ONNX Runtime session of an exported file."""
+    ONNX Runtime detector of an exported file."""
     if args.backend == "onnxruntime":
         if args.optimize != "none" or args.explain > 0 or args.device not in (None, "cpu"):
             raise UserError("--backend onnxruntime runs the exported graph on the CPU: drop "

@@ -40,19 +40,19 @@ class OnnxDetector:
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(
+            self.runner = ort.InferenceSession(
                 str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as err:  # onnxruntime's own types (InvalidProtobuf, Fail, ...)
             raise BadWeightsError(f"onnxruntime cannot load {path} ({type(err).__name__}: "
                                   f"{err}); give a file written by `dabdetr export`") from None
-        metadata = self.session.get_modelmeta().custom_metadata_map
+        metadata = self.runner.get_modelmeta().custom_metadata_map
         if CONFIG_KEY not in metadata:
             raise BadWeightsError(f"{path} is not a dabdetr export (no {CONFIG_KEY!r} metadata); "
                              "write it with `dabdetr export`")
         self.config = DabDetrConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
         self.num_select = int(metadata[NUM_SELECT_KEY]) if NUM_SELECT_KEY in metadata else None
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_names = [i.name for i in self.runner.get_inputs()]
+        self.output_names = [o.name for o in self.runner.get_outputs()]
         expected = list(RAW_OUTPUTS + (POSTPROCESS_OUTPUTS if self.num_select else ()))
         if self.output_names != expected:
             raise BadWeightsError(f"{path} has outputs {self.output_names}, expected {expected}")
@@ -68,7 +68,7 @@ class OnnxDetector:
             raise ValueError(f"the ONNX graph needs inputs {sorted(missing)}")
         feed = {name: np.ascontiguousarray(inputs[name].detach().cpu().numpy())
                 for name in self.input_names}
-        return [torch.from_numpy(out) for out in self.session.run(None, feed)]
+        return [torch.from_numpy(out) for out in self.runner.run(None, feed)]
 
     def __call__(self, images: Tensor, mask: Tensor | None = None) -> DetectionOutput:
         """images [B, 3, H, W] float32 normalized; mask [B, H, W] bool, True on padding."""
