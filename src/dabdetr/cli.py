@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_predict, _add_convert, _add_synth):
         add(sub)
+    from dabdetr.data import commands as data_commands
+
+    data_commands.add_cli(sub)
     for extra in ("dabdetr.engine.train", "dabdetr.engine.evaluate", "dabdetr.demo"):
         try:
             module = __import__(extra, fromlist=["add_cli"])
