@@ -28,11 +28,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dabdetr import distributed as dist
-from dabdetr.data.coco import CocoDetection, collate, resolve_split
+from dabdetr.data.check import load_checked
+from dabdetr.data.coco import CocoDetection, collate
+from dabdetr.data.formats import open_dataset
 from dabdetr.data.transforms import TransformRecipe, scaled_recipe
 from dabdetr.engine.evaluate import config_with_categories, run_evaluation
 from dabdetr.engine.evaluator import CocoEvaluator, load_coco_gt
+from dabdetr.engine.preview import predictions_picture
 from dabdetr.engine.sampling import EpochSampler
+from dabdetr.engine.tracking import Trackers, open_trackers, parse_trackers
 from dabdetr.models.criterion import SetCriterion
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.models.matcher import HungarianMatcher
@@ -55,6 +59,13 @@ class TrainConfig:
     out: str = "runs/train"
     train_split: str = "train"
     val_split: str = "val"
+    # dataset format and checks (see dabdetr.data.formats, dabdetr.data.check)
+    format: str = "auto"  # "auto", "coco", "yolo" or "voc"
+    train_json: str | None = None  # COCO: explicit annotation files and image folder
+    val_json: str | None = None
+    images: str | None = None
+    skip_bad: bool = False  # leave out entries check-data reports instead of stopping
+    log: str = ""  # experiment trackers: any of "tensorboard,mlflow,wandb"
     layout: str = "contiguous"  # "coco91": class index = category id (the authors' COCO heads)
     model: str = "dab-detr-r50"  # preset name
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -265,15 +276,11 @@ class Trainer:
                              "(0, 1]: the fraction of --time-limit after which the lr drops")
         self.amp_dtype = check_amp(cfg.amp, self.device)  # None: float32
 
+        parse_trackers(cfg.log)  # a wrong name or missing package fails before any work
+        self.trackers = Trackers()
         recipe = cfg.recipe()
-        train_images, train_ann = resolve_split(cfg.data, cfg.train_split)
-        val_images, val_ann = resolve_split(cfg.data, cfg.val_split)
         train_tf = recipe.train_transforms() if not cfg.no_flip else _no_flip(recipe)
-        self.train_set = CocoDetection(train_images, train_ann, train_tf, layout=cfg.layout)
-        self.categories = self.train_set.category_map
-        self.val_set = CocoDetection(val_images, val_ann, recipe.eval_transforms(),
-                                     category_map=self.categories)
-        self.val_gt = load_coco_gt(val_ann)
+        self._build_datasets(train_tf, recipe.eval_transforms())
 
         model_cfg = preset_config(cfg.model, **cfg.model_overrides)
         model_cfg = config_with_categories(model_cfg, self.categories)
@@ -322,6 +329,22 @@ class Trainer:
             self._resume(resume)
 
     # -- set-up helpers
+    def _build_datasets(self, train_tf, eval_tf) -> None:
+        """Read, check and wrap both splits in any dataset format (dabdetr.data.formats)."""
+        cfg = self.cfg
+        reader = open_dataset(cfg.data, cfg.format,
+                              {cfg.train_split: cfg.train_json, cfg.val_split: cfg.val_json},
+                              cfg.images)
+        train = load_checked(reader, cfg.train_split, cfg.skip_bad)
+        val = (train if cfg.val_split == cfg.train_split
+               else load_checked(reader, cfg.val_split, cfg.skip_bad))
+        self.train_set = CocoDetection(train.image_root, train.coco, train_tf, layout=cfg.layout,
+                                       source=train.source)
+        self.categories = self.train_set.category_map
+        self.val_set = CocoDetection(val.image_root, val.coco, eval_tf,
+                                     category_map=self.categories, source=val.source)
+        self.val_gt = load_coco_gt(val.coco)
+
     def _init_from(self, source: str) -> None:
         from dabdetr.weights.loading import read_weights
         from dabdetr.weights.strict import load_state_dict_checked
@@ -475,6 +498,15 @@ class Trainer:
         return totals
 
     def fit(self) -> dict[str, Any]:
+        if dist.is_main_process():
+            self.trackers = open_trackers(self.cfg.log, self.out, run_name=self.out.name)
+            self.trackers.log_config(self.cfg.to_dict())
+        try:
+            return self._fit()
+        finally:
+            self.trackers.close()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         started = time.time() - self.train_seconds
         if dist.is_main_process():
@@ -517,6 +549,9 @@ class Trainer:
                                "images_seen": self.images_seen,
                                "minutes": (time.time() - started) / 60,
                                "lr": self.optimizer.param_groups[0]["lr"], **losses})
+                    self.trackers.log_metrics(self.step, {
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        **{f"train/{k}": v for k, v in losses.items()}})
                 self._maybe_drop_lr_by_time(started)
                 if not self._budget_left(started):
                     stopped_early = True
@@ -554,10 +589,22 @@ class Trainer:
                 self.checkpoint("best.pt")
             if dist.is_main_process():
                 evaluator.save_results(self.out / "val_detections.json")
+                self._track_evaluation(metrics)
         else:
             self.history.append(record)
         self._log(record)
         self.checkpoint("last.pt")
+
+
+    def _track_evaluation(self, metrics: dict[str, Any]) -> None:
+        """AP numbers and a predictions picture to the experiment trackers (main process)."""
+        if not self.trackers:
+            return
+        self.trackers.log_metrics(self.step, {f"val/{k}": v for k, v in metrics.items()
+                                              if k != "per_class"})
+        picture = predictions_picture(self.eval_model(), self.val_set, self.device)
+        if picture is not None:
+            self.trackers.log_image(self.step, "val/predictions", picture)
 
 
 def _no_flip(recipe: TransformRecipe):
@@ -656,8 +703,22 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--data", required=True, help="dataset dir: annotations/instances_{split}.json "
-                   "+ images in {split}/, {split}2017/ or images/{split}/")
+    p.add_argument("--data", default=d.data,
+                   help="dataset folder: COCO (annotations/instances_{split}.json + images in "
+                   "{split}/, {split}2017/ or images/{split}/), YOLO (data.yaml, or images/{split} "
+                   "+ labels/{split}) or Pascal VOC (Annotations/, JPEGImages/, ImageSets/Main/)")
+    p.add_argument("--format", choices=["auto", "coco", "yolo", "voc"], default=d.format,
+                   help="dataset format; auto detects it and says which")
+    p.add_argument("--train-json", default=None, help="COCO: the train split's annotation file")
+    p.add_argument("--val-json", default=None, help="COCO: the val split's annotation file")
+    p.add_argument("--images", default=None,
+                   help="COCO: the folder the json files' file_name entries are relative to")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out the entries `dabdetr check-data` reports (missing images, bad "
+                   "boxes, unknown classes ...) instead of stopping")
+    p.add_argument("--log", default=d.log, metavar="TRACKERS",
+                   help="also log to any of tensorboard,mlflow,wandb (comma separated; local "
+                   "files under --out, offline)")
     p.add_argument("--out", default=d.out, help="run directory (checkpoints, logs, plots)")
     p.add_argument("--train-split", default=d.train_split)
     p.add_argument("--val-split", default=d.val_split)
