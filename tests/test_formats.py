@@ -164,6 +164,37 @@ def test_each_format_trains_two_steps_and_evaluates(datasets, tmp_path, fmt):
     summary = trainer.fit()
     assert summary["steps"] == 2
     assert summary["last"] is not None and 0.0 <= summary["last"]["AP"] <= 1.0
+    code = main(["evaluate", "--weights", str(tmp_path / "run" / "last.pt"), "--data",
+                 str(datasets[fmt]), "--eval-size", "64", "--max-size", "64", "--num-workers",
+                 "0", "--out", str(tmp_path / "eval")])
+    assert code == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0.0 <= metrics["AP"] <= 1.0 and "per_class" in metrics
+
+
+def test_explicit_coco_json_and_images(datasets, tmp_path):
+    coco = datasets["coco"]
+    val = json.loads((coco / "annotations" / "instances_val.json").read_text())
+    for img in val["images"]:
+        img["file_name"] = f"val/{img['file_name']}"
+    moved = tmp_path / "elsewhere" / "val.json"
+    moved.parent.mkdir()
+    moved.write_text(json.dumps(val))
+    cfg = tiny_cfg("", tmp_path / "run", train_json=str(coco / "annotations" /
+                                                         "instances_train.json"),
+                   val_json=str(moved), images=str(coco))
+    with pytest.raises(ValueError, match=r"coco/000000\.png: missing_image"):
+        Trainer(cfg)  # one --images folder for both: train's file names lack 'train/'
+    reader = open_dataset("", "auto", {"train": coco / "annotations" / "instances_train.json",
+                                       "val": moved}, None)
+    assert reader.format == "coco"
+    assert reader.load("train").image_root == coco / "train"  # the json's own layout
+    split = load_checked(open_dataset(None, "coco", {"val": moved}, coco), "val")
+    _same(_ground_truth(coco, "val"), {
+        _sha(split.image_root / i["file_name"]): sorted(
+            (split.category_names[a["category_id"]], *a["bbox"], a["iscrowd"])
+            for a in split.coco["annotations"] if a["image_id"] == i["id"])
+        for i in split.coco["images"]})
 
 
 def test_voc_difficult_is_ignored_in_evaluation_and_training(tmp_path):
@@ -265,7 +296,7 @@ def test_voc_problems_name_the_file(tmp_path):
         (root / sub).mkdir(parents=True)
     _png(root / "JPEGImages/a.jpg")
     (root / "labels.txt").write_text("cat\n")
-    (root / "ImageSets/Main/train.txt").write_text("a\nb\nc\nd\n")
+    (root / "ImageSets/Main/train.txt").write_text("a\nb\nc\nd\na\n")
     obj = ("<object><name>{}</name><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>9</xmax>"
            "<ymax>9</ymax></bndbox></object>")
     (root / "Annotations/a.xml").write_text(f"<annotation>{obj.format('cat')}"
@@ -274,7 +305,9 @@ def test_voc_problems_name_the_file(tmp_path):
     (root / "Annotations/c.xml").write_text(f"<annotation>{obj.format('cat')}</annotation>")
     found = {(p.kind, Path(p.file).name) for p in _problems(root)}
     assert found == {("unknown_class", "a.xml"), ("malformed", "b.xml"),
-                     ("missing_image", "c.jpg"), ("malformed", "d.xml")}
+                     ("missing_image", "c.jpg"), ("malformed", "d.xml"),
+                     ("duplicate_id", "train.txt")}
+    assert next(p for p in _problems(root) if p.kind == "duplicate_id").line == 5
 
 
 def test_train_stops_on_bad_data_or_skips_it(tmp_path, capsys, caplog):

@@ -300,10 +300,10 @@ def load_checked(reader: DatasetReader, split: str, skip_bad: bool = False) -> D
     if report.problems:
         if not skip_bad:
             raise DataProblems(
-                f"{reader.root}: the {reader.format} dataset has problems:\n"
+                f"{clean.source}: the {reader.format} dataset has problems:\n"
                 f"{format_report(reader.format, [report])}\nfix them (`dabdetr check-data` "
                 "lists them all), or pass --skip-bad to leave the bad entries out")
-        logger.warning("%s split %r: left out %d bad entr%s (--skip-bad); `dabdetr check-data "
-                       "--data %s` lists them", reader.format, split, len(report.problems),
-                       "y" if len(report.problems) == 1 else "ies", reader.root)
+        logger.warning("%s split %r (%s): left out %d bad entr%s (--skip-bad); `dabdetr "
+                       "check-data` lists them", reader.format, split, clean.source,
+                       len(report.problems), "y" if len(report.problems) == 1 else "ies")
     return clean

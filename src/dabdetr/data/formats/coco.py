@@ -8,8 +8,8 @@ Layouts read:
 - ``DIR/{split}/_annotations.coco.json`` with the images beside it (what several labelling
   services export);
 - explicit files: ``split_files={"train": PATH, "val": PATH}`` and ``images=DIR`` (the folder
-  every ``file_name`` is relative to; default: the json's own folder layout as above, else the
-  json's folder).
+  every ``file_name`` is relative to; default: the split's images folder in the dataset folder
+  or in the folder above the json, as above, else the json's own folder).
 
 The json is parsed with the standard library; its entries are validated by
 `dabdetr.data.check`, which names each bad entry.
@@ -71,10 +71,13 @@ class CocoReader:
             ann = self.split_files[split]
             if self.images is not None:
                 return ann, self.images
-            try:
-                return ann, resolve_split(self.root, split)[0]
-            except ValueError:
-                return ann, ann.parent
+            # the dataset folder's layout, else the one the json sits in, else its own folder
+            for root in (self.root, ann.parent.parent):
+                try:
+                    return ann, resolve_split(root, split)[0]
+                except ValueError:
+                    continue
+            return ann, ann.parent
         export = self.root / split / _EXPORT_NAME
         if export.is_file():
             return export, self.images or export.parent

@@ -108,14 +108,15 @@ class VocReader:
             names.update(n for obj in root.iter("object") if (n := _text(obj, "name", False)))
         return sorted(names)
 
-    def _ids(self, split: str) -> tuple[Path, list[str]]:
+    def _ids(self, split: str) -> tuple[Path, list[tuple[int, str]]]:
+        """(the split's list file, [(line number, image id)])."""
         listing = self.root / "ImageSets" / "Main" / f"{split}.txt"
         if not listing.is_file():
             raise ValueError(f"VOC split {split!r} of {self.root}: no {listing} (splits here: "
                              f"{', '.join(self.splits()) or 'none'}); list the image ids of the "
                              "split in it, one a line")
-        ids = [ln.split()[0] for ln in listing.read_text(encoding="utf-8").splitlines()
-               if ln.strip()]
+        ids = [(n, ln.split()[0]) for n, ln in
+               enumerate(listing.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
         return listing, ids
 
     def load(self, split: str) -> DatasetSplit:
@@ -126,7 +127,13 @@ class VocReader:
         cat_of = {n: i + 1 for i, n in enumerate(names)}
         out = DatasetSplit("voc", split, {"images": [], "annotations": [], "categories": [
             {"id": i, "name": n} for n, i in cat_of.items()]}, self.root / "JPEGImages", listing)
-        for image_key in ids:
+        seen: set[str] = set()
+        for line, image_key in ids:
+            if image_key in seen:
+                out.problems.append(Problem("duplicate_id", str(listing), line,
+                                            f"image id {image_key!r} is listed again"))
+                continue
+            seen.add(image_key)
             xml = self.root / "Annotations" / f"{image_key}.xml"
             try:
                 if not xml.is_file():
