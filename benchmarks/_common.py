@@ -38,11 +38,6 @@ def add_child_arguments(parser, tiny_size: str) -> None:
                         help="measure peak memory in child processes (default: on, off with --tiny)")
     parser.add_argument("--tiny", action="store_true",
                         help=f"smoke test: ResNet-18, 2+2 layers, {tiny_size}, 1 rep")
-    parser.add_argument("--ours-backbone", choices=["auto", "folded", "modules"],
-                        default="auto",
-                        help="how our backbone runs: frozen norms folded into the convolutions "
-                             "in channels_last memory, or its modules as they are (auto: the "
-                             "library's choice by input size, see dabdetr.models.backbone)")
     parser.add_argument("--no-tf32", action="store_true",
                         help="CUDA: every side's float32 convolutions in full float32 (torch's "
                              "default lets cuDNN run them in TF32; float32 matmuls are full "
@@ -51,20 +46,10 @@ def add_child_arguments(parser, tiny_size: str) -> None:
     parser.add_argument("--child-weights", help=argparse.SUPPRESS)
 
 
-def apply_ours_backbone(mode: str) -> list[str]:
-    """Force (or leave to the library) how our backbone runs: folded or as its modules;
-    returns the option to hand on to child processes."""
-    from dabdetr.models import backbone
-
-    if mode != "auto":
-        backbone.FOLD_MIN_MACS_PER_WEIGHT = 0 if mode == "folded" else float("inf")
-    return ["--ours-backbone", mode]
-
-
 def apply_child_options(args: argparse.Namespace) -> list[str]:
-    """Apply the options of `add_child_arguments` that change how the sides run (our
-    backbone's mode, TF32 off on CUDA); returns them as arguments for the child processes."""
-    passed = apply_ours_backbone(args.ours_backbone)
+    """Apply the options of `add_child_arguments` that change how the sides run (TF32 off on
+    CUDA); returns them as arguments for the child processes."""
+    passed: list[str] = []
     if args.no_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         passed.append("--no-tf32")

@@ -20,7 +20,6 @@ warm-up step, which creates the optimizer state).
     python benchmarks/bench_train.py --device cuda --amp   # bf16 autocast
     python benchmarks/bench_train.py --authors-repo ../DAB-DETR  # + the authors' code
     python benchmarks/bench_train.py --keep-freed-memory   # malloc as the dabdetr command
-    python benchmarks/bench_train.py --ours-winograd off   # ours without Winograd convolutions
     python benchmarks/bench_train.py --tiny                # CI smoke test
 """
 
@@ -29,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -41,7 +39,6 @@ import _authors  # noqa: E402
 import _common  # noqa: E402
 
 from dabdetr import DabDetrConfig  # noqa: E402
-from dabdetr.models import winograd_native  # noqa: E402
 
 # "transformers" trains what DabDetrForObjectDetection trains as shipped: its whole backbone.
 # "transformers-frozen" trains the same parameters as ours (the recipe: stem and layer1 frozen).
@@ -166,30 +163,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="tune glibc's malloc as the dabdetr command does "
-                             "(dabdetr.cli.keep_freed_memory) for the timed steps; one process, "
-                             "so every side runs with it (the memory children do not)")
     _authors.add_argument(parser)
     parser.add_argument("--authors-fused-adamw", action="store_true",
                         help="give the authors' side torch's fused AdamW (default: the plain "
                              "torch.optim.AdamW of their main.py)")
-    parser.add_argument("--ours-winograd", choices=["auto", "torch", "off"], default="auto",
-                        help="off: our backbone computes every 3x3 convolution directly, not "
-                             "as Winograd's F(4x4)/F(2x2) where the library would (see "
-                             "dabdetr.models.winograd and benchmarks/bench_winograd.py); torch: "
-                             "Winograd with its transforms as torch ops, not the compiled "
-                             "kernels of dabdetr.models.winograd_native")
     _common.add_child_arguments(parser, tiny_size="128x128")
     args = parser.parse_args(argv)
     child_options = _common.apply_child_options(args)
-    if args.ours_winograd == "off":
-        from dabdetr.models import winograd
-
-        winograd.WINOGRAD_RULES = ()
-    elif args.ours_winograd == "torch":
-        os.environ[winograd_native.ENV_SWITCH] = "0"  # read on first use, children inherit it
-    child_options += ["--ours-winograd", args.ours_winograd]
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.size or ((128, 128) if args.tiny else (512, 512))
@@ -197,10 +177,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.child_side:
         child_memory(args, batch_data)
         return
-    if args.keep_freed_memory:
-        from dabdetr.cli import keep_freed_memory
-
-        print(f"# keep freed memory (glibc mallopt): {'set' if keep_freed_memory() else 'not available'}")
     warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 1)
     reps = args.reps if args.reps is not None else (1 if args.tiny else 8)
     memory = args.memory if args.memory is not None else not args.tiny
@@ -212,9 +188,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {name} training step, batch {args.batch} at {size[0]}x{size[1]}, {precision}, "
           f"{device}")
     print(f"# {_common.machine_info(device)}")
-    kernels = winograd_native.kernels() if args.ours_winograd == "auto" else None
-    print(f"# ours: Winograd 3x3 convolutions {args.ours_winograd}"
-          + (f", compiled transforms {kernels.path.name}" if kernels else ""))
     # the host's state before and after the timed steps: on a shared machine the same code's
     # times move with its neighbours' load, and this says how fast the machine was meanwhile
     peak_before = _common.matmul_peak_gflops(device)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -13,11 +12,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from dabdetr.models import winograd_native  # noqa: E402
-
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ("bench_inference.py", "bench_train.py", "bench_matcher.py", "bench_winograd.py")
-NO_MEMORY_OPTION = ("bench_matcher.py", "bench_winograd.py")
+SCRIPTS = ("bench_inference.py", "bench_train.py", "bench_matcher.py")
+NO_MEMORY_OPTION = ("bench_matcher.py",)
 RATIO = re.compile(r"^ratio .*\d+(\.\d+)?x", re.MULTILINE)
 
 
@@ -53,12 +50,6 @@ def test_benchmarks_tiny():
                      results["bench_train.py"].stdout, re.MULTILINE), results["bench_train.py"].stdout
     assert re.search(r"^# matmul peak after these rounds: \d+ GFLOP/s",
                      results["bench_inference.py"].stdout, re.MULTILINE)
-    if winograd_native.kernels() is not None:
-        # the compiled Winograd transforms in the training step, and beside the torch ones for
-        # bench_winograd's 16-channel shape
-        assert "compiled transforms winograd_" in results["bench_train.py"].stdout
-        for m in (2, 4):
-            assert f"ratio F({m}x{m}) torch/F({m}x{m})" in results["bench_winograd.py"].stdout
 
 
 @pytest.mark.slow
@@ -69,42 +60,6 @@ def test_benchmarks_tiny_with_memory():
         assert "peak" in result.stdout, script
     # what the warm-up forward leaves resident is reported too
     assert "kept MiB" in results["bench_inference.py"].stdout
-
-
-def test_forced_modes_of_our_backbone():
-    """--ours-backbone: the folded path, which the library picks only for large inputs, runs
-    end to end at the smoke-test size (and the unfolded modules in a memory child).
-    bench_train also runs with the dabdetr command's malloc setting (--keep-freed-memory)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    extra = {"bench_train.py": ["--keep-freed-memory"], "bench_inference.py": ["--memory"]}
-    outputs = {}
-    for script, mode in (("bench_train.py", "folded"), ("bench_inference.py", "modules")):
-        result = subprocess.run(
-            [sys.executable, str(BENCHMARKS / script), "--tiny", "--threads", "1",
-             "--ours-backbone", mode, *extra[script]],
-            capture_output=True, text=True, env=env, timeout=600, check=False)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert RATIO.search(result.stdout), result.stdout
-        outputs[script] = result.stdout
-    state = "set" if platform.libc_ver()[0] == "glibc" else "not available"
-    assert f"# keep freed memory (glibc mallopt): {state}" in outputs["bench_train.py"]
-    assert "# ours: Winograd 3x3 convolutions auto" in outputs["bench_train.py"]
-
-
-@pytest.mark.parametrize("mode", ["off", "torch"])
-def test_training_benchmark_without_winograd(mode):
-    """--ours-winograd off: our folded backbone computes its 3x3 convolutions directly (at the
-    smoke-test size the folded R18 would take F(2x2) for layer3), in the timed steps and in
-    the memory children. torch: Winograd with the torch transforms, not the compiled ones."""
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_train.py"), "--tiny", "--threads", "1",
-         "--ours-backbone", "folded", "--ours-winograd", mode, "--memory"],
-        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-        timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"# ours: Winograd 3x3 convolutions {mode}" in result.stdout
-    assert RATIO.search(result.stdout) and "peak" in result.stdout, result.stdout
-    assert "compiled transforms" not in result.stdout
 
 
 def test_inexact_modes_tiny():
@@ -174,27 +129,6 @@ def test_peer_adamw_kernel_and_backbone_lr():
         assert lrs[bench_train.LR] == {id(p) for p in model["head"].parameters()}
 
 
-def test_unknown_backbone_mode_is_refused_before_any_work(capsys):
-    for name in ("bench_train", "bench_inference"):
-        with pytest.raises(SystemExit):
-            _benchmark_module(name).main(["--tiny", "--ours-backbone", "diagonal"])
-        assert "invalid choice: 'diagonal'" in capsys.readouterr().err
-
-
-def test_bad_winograd_options_are_refused_before_any_work(capsys):
-    """bench_train's --ours-winograd takes auto, torch or off; bench_winograd's --shapes takes
-    N x C x S with every size at least 1, and names the bad shape."""
-    with pytest.raises(SystemExit):
-        _benchmark_module("bench_train").main(["--tiny", "--ours-winograd", "on"])
-    assert "invalid choice: 'on'" in capsys.readouterr().err
-    bench_winograd = _benchmark_module("bench_winograd")
-    for shape, message in (("2x256", "is not N x C x S"), ("2xax32", "is not N x C x S"),
-                           ("0x256x32", "has a size below 1")):
-        with pytest.raises(SystemExit):
-            bench_winograd.main(["--tiny", "--shapes", shape])
-        assert f"shape '{shape}' {message}" in capsys.readouterr().err
-
-
 def test_ratio_line_reports_best_median_paired_and_the_spread_of_rounds():
     common = _benchmark_module("_common")
     line = common.ratio_line("a/b", [2.0, 4.0, 9.0], [1.0, 2.0, 3.0])  # rounds: 2x, 2x, 3x
@@ -203,33 +137,9 @@ def test_ratio_line_reports_best_median_paired_and_the_spread_of_rounds():
     assert common.ratio_line("a/b", [2.0], [1.0]) == "ratio a/b: 2.00x (best), 2.00x (median)"
 
 
-def test_flop_count_sees_the_fused_backbone(monkeypatch):
-    """The FLOP count the inference benchmark prints covers every convolution, also where our
-    backbone runs oneDNN's fused kernels (which torch's flop counter learns from dabdetr)."""
-    import torch
-    from _util import tiny_config
-
-    import dabdetr
-    from dabdetr.models import backbone
-
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import _common
-
-    # no parameter needs a gradient (FlopCounterMode requires that in no_grad), as in the script
-    model = dabdetr.DabDetr(tiny_config(backbone="resnet50")).eval().requires_grad_(False)
-    images = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        monkeypatch.setattr(backbone, "_foldable", lambda body: False)
-        modules = _common.count_flops(lambda: model(images))
-        monkeypatch.undo()
-        monkeypatch.setattr(backbone, "FOLD_MIN_MACS_PER_WEIGHT", 0)
-        folded = _common.count_flops(lambda: model(images))
-    assert folded == modules > 0
-
-
 def test_child_options_switch_tf32_off_and_reach_the_children():
     """--no-tf32 turns TF32 off for CUDA convolutions and matmuls (a no-op for CPU runs) and is
-    handed on, with the backbone mode, to the memory children."""
+    handed on to the memory children."""
     import argparse
 
     import torch
@@ -241,10 +151,10 @@ def test_child_options_switch_tf32_off_and_reach_the_children():
     saved = cudnn.allow_tf32, matmul.allow_tf32
     try:
         cudnn.allow_tf32 = matmul.allow_tf32 = True
-        assert common.apply_child_options(parser.parse_args([])) == ["--ours-backbone", "auto"]
+        assert common.apply_child_options(parser.parse_args([])) == []
         assert cudnn.allow_tf32 and matmul.allow_tf32
         off = common.apply_child_options(parser.parse_args(["--no-tf32"]))
-        assert off == ["--ours-backbone", "auto", "--no-tf32"]
+        assert off == ["--no-tf32"]
         assert not cudnn.allow_tf32 and not matmul.allow_tf32
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = saved

@@ -1,47 +1,35 @@
-"""Process-level settings of the `dabdetr` command."""
+"""The `dabdetr` command leaves the process as it found it."""
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import subprocess
 import sys
 
-import pytest
+import torch
 
-# A training step in miniature: four large tensors (84 MiB in all) allocated, written, held
-# together and freed; the page faults of steps 7-9, after the heap has settled.
-_FAULTS = """
-import json, resource, sys, torch
-from dabdetr.cli import keep_freed_memory
-kept = keep_freed_memory()
-torch.set_num_threads(1)
-def step():
-    held = [torch.empty(n).fill_(1.0) for n in (12 << 20, 6 << 20, 3 << 20, 12 << 20)]
-    return len(held)
-for _ in range(6):
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
-    step()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-print(json.dumps({"kept": kept, "faults": after - before}))
-"""
+from dabdetr import cli
 
 
-def _faults(**env: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True,
-                            env={**os.environ, **env}, check=True, timeout=120)
-    return json.loads(result.stdout)
+def test_command_changes_no_environment_or_thread_setting(tmp_path):
+    env_before = dict(os.environ)
+    threads = torch.get_num_threads()
+    code = cli.main(["synth", "--out", str(tmp_path / "shapes"), "--train", "2", "--val", "1",
+                     "--image-size", "64", "--no-progress", "--workers", "1"])
+    assert code == 0
+    assert (tmp_path / "shapes" / "annotations" / "instances_train.json").is_file()
+    # torch's inductor records its cache folder when torch loads it: not ours
+    changed = {k for k in set(os.environ) ^ set(env_before) if not k.startswith("TORCHINDUCTOR_")}
+    changed |= {k for k in set(os.environ) & set(env_before) if os.environ[k] != env_before[k]}
+    assert not changed
+    assert torch.get_num_threads() == threads
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
-def test_freed_memory_is_kept_for_reuse():
-    """With glibc's defaults large freed blocks go back to the kernel and every step faults
-    its tensors in again (~21k pages of 4 KiB per step here); kept, they are reused."""
-    kept = _faults()
-    default = _faults(DABDETR_KEEP_FREED_MEMORY="0")
-    assert kept["kept"] and not default["kept"]
-    assert default["faults"] > 3 * 15_000
-    assert kept["faults"] < 3_000
+def test_module_entry_point_sets_no_openmp_policy():
+    """Nothing in the library sets OMP_WAIT_POLICY (or any other variable) for the user."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    code = ("import os, dabdetr.cli as c; p = c.build_parser(); "
+            "print(sorted(k for k in os.environ if k.startswith('OMP_')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,16 +11,12 @@ from dabdetr.models.criterion import SetCriterion
 from dabdetr.models.matcher import HungarianMatcher
 from dabdetr.models.outputs import DetectionOutput
 
-# CI clones the repo next to `shared/`: shared is a sibling of the repo root.
-GOLDEN_IO = Path(__file__).resolve().parents[2] / "shared" / "golden" / "tiny_r18" / "io.pt"
 NUM_CLASSES = 91
 
 
 @pytest.fixture(scope="module")
-def golden() -> dict:
-    if not GOLDEN_IO.is_file():
-        pytest.skip(f"golden vectors not found at {GOLDEN_IO} (shared/ must sit next to the repo)")
-    return torch.load(GOLDEN_IO, weights_only=True)
+def golden(golden_dir) -> dict:
+    return torch.load(golden_dir / "io.pt", weights_only=True)
 
 
 def golden_outputs(io: dict) -> DetectionOutput:
@@ -70,7 +65,7 @@ def test_criterion_matches_golden(golden):
     losses = criterion(golden_outputs(golden), golden["targets"])
     assert set(losses) == set(golden["losses"])
     for key, expected in golden["losses"].items():
-        weighted = (losses[key] * criterion.weight_dict[key]).item()
+        weighted = (losses[key] * criterion.weight(key)).item()
         assert weighted == pytest.approx(expected, rel=1e-4), key
     total = criterion.weighted_total(losses).item()
     assert total == pytest.approx(float(golden["loss_total"]), rel=1e-4)
@@ -94,6 +89,42 @@ def test_dict_and_dataclass_inputs_agree(golden):
 
 
 # --- matcher properties --------------------------------------------------------------------------
+
+
+def _reference_matches(out: DetectionOutput, targets: list[dict], alpha: float, gamma: float
+                       ) -> list[tuple[list[int], list[int]]]:
+    """The matching cost written out per image in float64 (class 2, L1 5, GIoU 2, the focal
+    class terms with `alpha` and `gamma`), solved by scipy."""
+    from scipy.optimize import linear_sum_assignment
+    from torchvision.ops import box_convert, generalized_box_iou
+
+    result = []
+    for logits, boxes, t in zip(out.pred_logits.double(), out.pred_boxes.double(), targets,
+                                strict=True):
+        p = logits.sigmoid()[:, t["labels"]]  # (Q, N)
+        pos = alpha * (1 - p) ** gamma * -(p + 1e-8).log()
+        neg = (1 - alpha) * p**gamma * -(1 - p + 1e-8).log()
+        tgt = t["boxes"].double()
+        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
+                                   box_convert(tgt, "cxcywh", "xyxy"))
+        cost = 2 * (pos - neg) + 5 * torch.cdist(boxes, tgt, p=1) - 2 * giou
+        q, j = linear_sum_assignment(cost.detach().numpy())
+        result.append((q.tolist(), j.tolist()))
+    return result
+
+
+def test_matcher_uses_focal_alpha_and_gamma():
+    """The default matcher's assignments are those of the focal cost with alpha 0.25 and gamma
+    2 (the authors'), on a batch where another alpha or gamma assigns differently."""
+    out, targets = random_batch([4] * 64, num_queries=6, num_classes=3, num_aux=0, seed=7)
+    with torch.no_grad():
+        out.pred_logits.mul_(3)  # confident scores: the focal terms decide between queries
+    expected = _reference_matches(out, targets, alpha=0.25, gamma=2.0)
+    assert as_lists(HungarianMatcher()(out, targets)) == expected
+    for alpha, gamma in ((0.5, 2.0), (0.75, 2.0), (0.25, 1.0), (0.25, 0.0), (0.25, 3.0)):
+        assert _reference_matches(out, targets, alpha, gamma) != expected, (alpha, gamma)
+    custom = HungarianMatcher(focal_alpha=0.5, focal_gamma=1.0)
+    assert as_lists(custom(out, targets)) == _reference_matches(out, targets, 0.5, 1.0)
 
 
 def test_matcher_batched_equals_one_by_one():
@@ -182,11 +213,11 @@ def test_weight_dict_covers_every_key_and_extra_keys_ignored():
             t.update(image_id=torch.tensor(3), size=torch.tensor([10, 20]))
         criterion = SetCriterion(5)
         losses = criterion(out, targets)
-        assert set(losses) <= set(criterion.weight_dict)
         assert set(losses) == set(criterion.weight_dict_for(num_aux))
+        assert all(criterion.weight(k) == criterion.weight_dict_for(num_aux)[k] for k in losses)
         assert len(losses) == 3 * (num_aux + 1)
     with pytest.raises(ValueError, match="no weight"):
-        SetCriterion(5).weighted_total({"loss_ce_9": torch.tensor(1.0)})
+        SetCriterion(5).weighted_total({"loss_mask_9": torch.tensor(1.0)})
 
 
 def test_gradients_reach_every_layer():
@@ -272,3 +303,21 @@ def test_match_repeat_matches_each_target_k_times():
     for (q, t), n in zip(indices, [2, 3], strict=True):
         assert len(set(q.tolist())) == 3 * n  # distinct queries
         assert sorted((t % n).tolist()) == sorted(list(range(n)) * 3)
+
+
+def test_weights_are_fixed_at_construction():
+    """forward never edits the weight table: the same weights before and after, for any
+    number of auxiliary layers, and the table cannot be edited from outside."""
+    criterion = SetCriterion(5, weight_dict={"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0})
+    before = dict(criterion.weight_dict)
+    for num_aux in (0, 3):
+        out, targets = random_batch([2, 1], num_aux=num_aux)
+        losses = criterion(out, targets)
+        assert dict(criterion.weight_dict) == before
+        assert criterion.weight("loss_ce_2" if num_aux else "loss_ce") == 2.0
+        total = sum(v * before["_".join(k.split("_")[:2])] for k, v in losses.items())
+        torch.testing.assert_close(criterion.weighted_total(losses), total)
+    with pytest.raises(TypeError):
+        criterion.weight_dict["loss_ce"] = 1.0
+    with pytest.raises(KeyError):
+        criterion.weight("loss_mask")

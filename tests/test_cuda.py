@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _util import perturbed_model, tiny_cfg, tiny_config, tiny_dataset
+from _util import import_oracle, perturbed_model, tiny_cfg, tiny_config, tiny_dataset
 from PIL import Image
 
 import dabdetr
@@ -116,7 +116,7 @@ def test_cuda_graphs_replay_the_fused_model():
 
 
 def test_cuda_matches_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = import_oracle("transformers")
     dabdetr.export_huggingface(_model(num_classes=91, inverse_sigmoid_eps=1e-5), tmp_path / "hf")
     hf = transformers.DabDetrForObjectDetection.from_pretrained(tmp_path / "hf").cuda().eval()
     ours = dabdetr.load_model(tmp_path / "hf", device="cuda")

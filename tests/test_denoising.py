@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from _util import tiny_config
+from _util import perturbed_model, tiny_config
 
 from dabdetr.models.criterion import SetCriterion
 from dabdetr.models.dab_detr import DabDetr
@@ -73,7 +73,7 @@ def test_denoising_losses_named_weighted_and_trained():
     out = with_dn(torch.randn(2, 3, 64, 64), targets=_targets())
     losses = criterion(out, _targets())
     for key in ("loss_ce_dn", "loss_bbox_dn", "loss_giou_dn", "loss_ce_dn_0"):
-        assert key in losses and key in criterion.weight_dict
+        assert key in losses and criterion.weight(key) > 0
     criterion.weighted_total(losses).backward()
     assert with_dn.label_enc.weight.grad is not None
     assert with_dn.label_enc.weight.grad.abs().sum() > 0
@@ -86,3 +86,24 @@ def test_no_objects_means_no_denoising_queries():
     out = with_dn(torch.randn(2, 3, 64, 64), targets=empty)
     assert out.dn_outputs is None
     assert "loss_ce_dn" not in SetCriterion(5)(out, empty)
+
+
+def test_denoising_losses_are_averaged_over_groups():
+    """Without noise every group holds the same queries and (the groups cannot see each other)
+    gets the same outputs: 1 group or 3 give the same denoising losses, each group's loss
+    divided by the number of groups."""
+    one = perturbed_model(tiny_config(dn_groups=1, dn_label_noise=0.0, dn_box_noise=0.0))
+    one.train()  # denoising runs in training; the perturbed box head does not reproduce them
+    three = DabDetr(tiny_config(dn_groups=3, dn_label_noise=0.0, dn_box_noise=0.0)).train()
+    three.load_state_dict(one.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    criterion = SetCriterion(5)
+    with torch.no_grad():
+        losses_one = criterion(one(images, targets=_targets()), _targets())
+        losses_three = criterion(three(images, targets=_targets()), _targets())
+    dn_keys = [k for k in losses_one if "_dn" in k]
+    assert len(dn_keys) == 6  # 3 terms x (last layer + 1 auxiliary layer)
+    for key in dn_keys:
+        assert float(losses_one[key]) > 0.01, key
+        torch.testing.assert_close(losses_three[key], losses_one[key], atol=1e-5, rtol=1e-5,
+                                   msg=key)

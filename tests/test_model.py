@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from _util import tiny_config
+from _util import perturbed_model, tiny_config
 
 import dabdetr
 from dabdetr.models.dab_detr import DabDetr
@@ -42,15 +44,22 @@ def test_padded_batch_equals_single_images():
 
 
 def test_upstream_batching_differs_but_matches_pad_invariant_on_full_size_image():
-    """Upstream semantics: the largest image (no padding) is unaffected either way."""
-    model = DabDetr(tiny_config()).eval()
+    """Upstream semantics: the largest image (no padding) is unaffected either way; a padded one
+    is changed by its padding (through the batch norms' non-trivial statistics)."""
+    model = perturbed_model(tiny_config())
     imgs = [torch.randn(3, 96, 96), torch.randn(3, 64, 70)]
     batch, mask = dabdetr.batch_images(imgs)
+    invariant_model = DabDetr(tiny_config(pad_invariant=True)).eval()
+    invariant_model.load_state_dict(model.state_dict())
     with torch.no_grad():
         upstream = model(batch, mask)
-        model.config.pad_invariant = True
-        invariant = model(batch, mask)
+        invariant = invariant_model(batch, mask)
+        alone = model(batch[1:, :, :64, :70])
     torch.testing.assert_close(upstream.pred_boxes[0], invariant.pred_boxes[0], atol=1e-5, rtol=0)
+    # the padded image: upstream's backbone sees the padding, so its output differs from the
+    # image alone; the pad-invariant model gives the image-alone output
+    torch.testing.assert_close(invariant.pred_boxes[1], alone.pred_boxes[0], atol=1e-4, rtol=0)
+    assert (upstream.pred_boxes[1] - alone.pred_boxes[0]).abs().max() > 1e-3
 
 
 def test_model_does_not_mutate_input():
@@ -91,15 +100,94 @@ def test_any_hidden_dim_divisible_by_heads(hidden_dim, nheads):
     {"query_pe_temperature": 20.0, "pe_temperature_h": 10.0, "pe_temperature_w": 10.0},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_options_run_and_train(overrides):
-    model = DabDetr(tiny_config(**overrides))
-    out = model(torch.randn(2, 3, 64, 80))
-    n = 8 * max(1, overrides.get("num_patterns", 0))
-    assert out.pred_logits.shape == (2, n, 5)
+    """Each option changes what the model computes (with the default model's weights wherever
+    names and shapes agree), except the two that only change initialization or what is
+    returned, and every trainable parameter gets a gradient."""
+    base = perturbed_model(tiny_config()).train()  # no zero-initialized head hides an option
+    model = perturbed_model(tiny_config(**overrides)).train()
+    shared = {k: v for k, v in base.state_dict().items()
+              if k in model.state_dict() and model.state_dict()[k].shape == v.shape}
+    model.load_state_dict(shared, strict=False)
+    images = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        ref = base(images)
+    out = model(images)
+    patterns = overrides.get("num_patterns", 0)
+    assert out.pred_logits.shape == (2, 8 * max(1, patterns), 5)
     assert len(out.aux_outputs) == (0 if overrides.get("aux_loss") is False else 1)
-    loss = out.pred_logits.sum() + out.pred_boxes.sum()
-    loss.backward()
-    assert model.class_embed.weight.grad is not None
-    assert ((0 <= out.pred_boxes) & (out.pred_boxes <= 1)).all()
+    if patterns:  # the pattern groups share anchors but not content: their outputs differ
+        assert (out.pred_boxes[:, :8] - out.pred_boxes[:, 8:16]).abs().max() > 1e-4
+    elif "aux_loss" in overrides or "random_refpoints_xy" in overrides:
+        torch.testing.assert_close(out.pred_logits, ref.pred_logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(out.pred_boxes, ref.pred_boxes, atol=1e-6, rtol=0)
+    else:
+        assert (out.pred_logits - ref.pred_logits).abs().max() > 1e-4
+        assert (out.pred_boxes - ref.pred_boxes).abs().max() > 1e-4
+    heads = [out] if out.enc_outputs is None else [out, out.enc_outputs]
+    sum(h.pred_logits.sum() + h.pred_boxes.sum() for h in heads).backward()
+    assert model.class_embed.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def _sine_hw_reference(height: int, width: int, hidden_dim: int, temp_h: float,
+                       temp_w: float) -> torch.Tensor:
+    """The DAB-DETR image embedding of an unpadded height x width map, written out in float64:
+    channel k of the y half is sin (k even) or cos (k odd) of y / temp_h ** (2 * (k // 2) / F)
+    with y = 2 pi (row + 1) / height, F = hidden_dim / 2; the x half likewise with temp_w."""
+    feats = hidden_dim // 2
+    out = torch.zeros(hidden_dim, height, width, dtype=torch.float64)
+    for k in range(feats):
+        fn = math.sin if k % 2 == 0 else math.cos
+        for i in range(height):
+            out[k, i, :] = fn(2 * math.pi * (i + 1) / height / temp_h ** (2 * (k // 2) / feats))
+        for j in range(width):
+            out[feats + k, :, j] = fn(
+                2 * math.pi * (j + 1) / width / temp_w ** (2 * (k // 2) / feats))
+    return out
+
+
+def test_image_position_embedding_uses_height_and_width_temperatures():
+    """Rows use pe_temperature_h and columns pe_temperature_w, in the module and in the model
+    built from a config where the two differ."""
+    from dabdetr.models.position_encoding import PositionEmbeddingSineHW
+
+    expected = _sine_hw_reference(3, 5, 16, 10.0, 1000.0).float()
+    mask = torch.zeros(1, 3, 5, dtype=torch.bool)
+    module = PositionEmbeddingSineHW(16, temperature_h=10.0, temperature_w=1000.0)
+    torch.testing.assert_close(module(mask)[0], expected, atol=1e-5, rtol=0)
+    model = DabDetr(tiny_config(hidden_dim=16, nheads=2, pe_temperature_h=10.0,
+                                pe_temperature_w=1000.0))
+    torch.testing.assert_close(model.position_embedding(mask)[0], expected, atol=1e-5, rtol=0)
+
+
+def test_inverse_sigmoid_clamps_at_its_eps():
+    """log(x / (1 - x)) with both terms clamped to >= eps: 1e-3 by default (the authors')."""
+    from dabdetr.models import box_ops
+
+    x = torch.tensor([0.0, 1e-4, 0.3, 1 - 1e-4, 1.0], dtype=torch.float64)
+    expected = [math.log(1e-3), math.log(1e-3 / (1 - 1e-4)), math.log(0.3 / 0.7),
+                math.log((1 - 1e-4) / 1e-3), -math.log(1e-3)]
+    torch.testing.assert_close(box_ops.inverse_sigmoid(x).tolist(), expected)
+    expected_1e5 = [math.log(1e-5), math.log(1e-4 / (1 - 1e-4)), math.log(0.3 / 0.7),
+                    math.log((1 - 1e-4) / 1e-4), -math.log(1e-5)]
+    torch.testing.assert_close(box_ops.inverse_sigmoid(x, 1e-5).tolist(), expected_1e5)
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-5])
+def test_boxes_use_the_configured_inverse_sigmoid_eps(eps):
+    """With the box heads' last layers at their zero initialization, each decoder layer's box
+    is sigmoid(inverse_sigmoid(its reference, eps)) and the next layer's reference: from an
+    anchor of sigmoid(-8) = 3.4e-4, eps 1e-5 keeps it and eps 1e-3 lifts it to about 1e-3."""
+    model = DabDetr(tiny_config(inverse_sigmoid_eps=eps)).eval()
+    with torch.no_grad():
+        model.refpoint_embed.weight.fill_(-8.0)
+        out = model(torch.randn(1, 3, 64, 64))
+    reference = 1 / (1 + math.exp(8.0))
+    for layer in (*out.aux_outputs, out):
+        logit = math.log(max(reference, eps) / max(1 - reference, eps))
+        reference = 1 / (1 + math.exp(-logit))
+        torch.testing.assert_close(layer.pred_boxes, torch.full_like(layer.pred_boxes, reference),
+                                   atol=1e-8, rtol=1e-5)
 
 
 def test_options_survive_save_and_load(tmp_path):
@@ -270,67 +358,3 @@ def test_bf16_autocast_keeps_boxes_and_outputs_in_float32(overrides):
     (out.pred_logits.sum() + out.pred_boxes.sum()).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and g.isfinite().all() for g in grads)
-
-
-@pytest.mark.parametrize(
-    ("num_parameters", "dtype"),
-    [(1, torch.float32), (1, torch.float64), (5, torch.float32)],
-    ids=["one-slope", "float64", "per-channel"])
-def test_prelu_equals_torch_prelu(num_parameters, dtype):
-    """The transformer's PReLU (a leaky ReLU with its own backward for one slope on the CPU,
-    nn.PReLU's kernels otherwise): nn.PReLU's outputs and gradients, zeros included, and its
-    state dict."""
-    from dabdetr.models.transformer import PReLU
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 4, generator=gen).to(dtype)
-    x[0, 0] = 0.0
-    ours = PReLU(num_parameters).to(dtype)
-    theirs = torch.nn.PReLU(num_parameters).to(dtype)
-    with torch.no_grad():
-        ours.weight.copy_(torch.rand(num_parameters, generator=gen) - 0.5)
-    theirs.load_state_dict(ours.state_dict())
-    grad = torch.randn(x.shape, generator=gen, dtype=dtype)
-    results = []
-    for module in (ours, theirs):
-        xi = x.clone().requires_grad_(True)
-        y = module(xi)
-        results.append((y, *torch.autograd.grad(y, (xi, module.weight), grad)))
-    for got, expected in zip(*results, strict=True):
-        assert got.dtype == expected.dtype and got.shape == expected.shape
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    ("num_parameters", "dtype", "dropout", "fused"),
-    [(1, torch.float32, 0.0, True), (1, torch.float64, 0.0, True),
-     (7, torch.float32, 0.0, False), (1, torch.float32, 0.5, False)],
-    ids=["one-slope", "float64", "per-channel", "dropout"])
-def test_feed_forward_equals_the_modules(num_parameters, dtype, dropout, fused, monkeypatch):
-    """feed_forward (PReLU and linear2 as one function that keeps the hidden layer, not the
-    activation, for backward): linear2(prelu(linear1(x)))'s output and gradients for the
-    input and every parameter. Per-channel slopes and active dropout run the modules."""
-    from dabdetr.models import transformer
-
-    gen = torch.Generator().manual_seed(0)
-    linear1, linear2 = torch.nn.Linear(6, 16).to(dtype), torch.nn.Linear(16, 6).to(dtype)
-    activation = transformer.PReLU(num_parameters).to(dtype)
-    with torch.no_grad():
-        activation.weight.copy_(torch.rand(num_parameters, generator=gen) - 0.5)
-    drop = torch.nn.Dropout(dropout).train()
-    x = torch.randn(2, 7, 6, generator=gen, dtype=dtype)
-    grad = torch.randn(2, 7, 6, generator=gen, dtype=dtype)
-    calls = []
-    real = transformer._PReLULinear.apply
-    monkeypatch.setattr(transformer._PReLULinear, "apply", lambda *a: calls.append(1) or real(*a))
-    params = [*linear1.parameters(), activation.weight, *linear2.parameters()]
-    results = []
-    for run in (transformer.feed_forward, lambda x, l1, a, d, l2: l2(d(a(l1(x))))):
-        torch.manual_seed(1)  # the same dropout mask on both sides
-        xi = x.clone().requires_grad_(True)
-        y = run(xi, linear1, activation, drop, linear2)
-        results.append((y, *torch.autograd.grad(y, (xi, *params), grad)))
-    assert calls == ([1] if fused else [])
-    for got, expected in zip(*results, strict=True):
-        assert got.dtype == expected.dtype and got.shape == expected.shape
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

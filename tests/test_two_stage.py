@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _util import tiny_config
 
 import dabdetr
+from dabdetr.models.box_ops import inverse_sigmoid
 from dabdetr.models.criterion import SetCriterion
 from dabdetr.models.dab_detr import DabDetr
-from dabdetr.models.transformer import inverse_sigmoid
 from dabdetr.weights.loading import export_huggingface, load_model, save_model
 
 
@@ -67,10 +69,20 @@ def test_padded_cells_are_never_selected_and_batches_are_invariant():
 
 
 def test_fewer_cells_than_queries_fills_with_centred_anchors():
+    """2 x 2 cells for 8 queries: the 4 cell boxes, best first, then 4 anchors (0.5, 0.5, 0.1,
+    0.1) (the proposal size) in logit space: (0, 0, log(1/9), log(1/9))."""
     model = _model().eval()
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 64, 64))  # 2 x 2 cells, 8 queries
-    assert out.pred_boxes.shape == (1, 8, 4) and torch.isfinite(out.pred_boxes).all()
+        src, pos, mask = model.encode_image(torch.randn(1, 3, 64, 64), None)
+        memory = model.transformer.encode(src, pos, mask)
+        enc, anchors = model.query_selection(memory, mask, 2, 2)
+        out = model(torch.randn(1, 3, 64, 64))
+    assert anchors.shape == (1, 8, 4) and out.pred_boxes.shape == (1, 8, 4)
+    best = enc.pred_logits[0].amax(-1).topk(4).indices
+    torch.testing.assert_close(anchors[0, :4], inverse_sigmoid(enc.pred_boxes[0, best], 1e-3),
+                               atol=1e-4, rtol=1e-4)
+    fill = torch.tensor([0.0, 0.0, math.log(1 / 9), math.log(1 / 9)]).expand(4, 4)
+    torch.testing.assert_close(anchors[0, 4:], fill, atol=1e-6, rtol=0)
 
 
 def test_encoder_losses_are_weighted_and_train_the_selection_heads():
@@ -79,8 +91,9 @@ def test_encoder_losses_are_weighted_and_train_the_selection_heads():
     out = model(torch.randn(2, 3, 128, 128), targets=_targets())
     losses = criterion(out, _targets())
     for key in ("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc", "loss_ce_dn", "loss_ce_0"):
-        assert key in losses and key in criterion.weight_dict
-    assert criterion.weight_dict["loss_giou_enc"] == criterion.weight_dict["loss_giou"]
+        base = "_".join(key.split("_")[:2])  # loss_ce_enc -> loss_ce
+        assert key in losses and criterion.weight(key) == criterion.weight_dict[base]
+    assert criterion.weight("loss_giou_enc") == criterion.weight_dict["loss_giou"] == 2.0
     criterion.weighted_total(losses).backward()
     for name, param in model.named_parameters():
         if param.requires_grad:

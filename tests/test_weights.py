@@ -115,9 +115,25 @@ def test_fine_tune_to_other_class_count_reports_skipped_head(tmp_path):
 
 
 def test_hub_id_offline_error_says_how_to_use_a_local_path(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match="local directory"):
+    """The download is patched (no network): huggingface_hub's own offline error becomes a
+    ValueError that names the id, the cause and the local-directory alternative."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = []
+
+    def offline(repo_id, allow_patterns):
+        calls.append(repo_id)
+        raise LocalEntryNotFoundError("outgoing traffic has been disabled")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ValueError) as err:
         dabdetr.load_model("IDEA-Research/dab-detr-does-not-exist")
+    assert calls == ["IDEA-Research/dab-detr-does-not-exist"]
+    text = str(err.value)
+    assert "'IDEA-Research/dab-detr-does-not-exist'" in text
+    assert "LocalEntryNotFoundError: outgoing traffic has been disabled" in text
+    assert "pass the local directory instead" in text
 
 
 def test_hub_id_downloads_through_huggingface_hub(tmp_path, monkeypatch):

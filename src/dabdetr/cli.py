@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -171,53 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_predict, _add_convert, _add_synth):
         add(sub)
+    from dabdetr import demo
     from dabdetr.data import commands as data_commands
+    from dabdetr.engine import evaluate, train
 
-    data_commands.add_cli(sub)
-    for extra in ("dabdetr.engine.train", "dabdetr.engine.evaluate", "dabdetr.demo"):
-        try:
-            module = __import__(extra, fromlist=["add_cli"])
-        except ImportError as err:
-            if err.name and err.name.startswith("dabdetr"):
-                continue  # optional command not built yet
-            raise
+    for module in (data_commands, train, evaluate, demo):
         module.add_cli(sub)
     return parser
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse; True if it was set.
-
-    By default glibc gives large freed blocks back to the kernel (each lives in its own mmap,
-    and the heap's free top is trimmed), so every training step faults its activations in again
-    page by page: 57k-98k faults (~230-400 MB, varying between processes) per DAB-DETR-R50
-    step at batch 2, 512x512. Kept instead (never trimmed, mmap only above 1 GiB), the same
-    steps fault a few pages and run ~5% faster; the process's resident memory stays at its
-    peak between steps. The `dabdetr` command calls this; a no-op on other C libraries and
-    with DABDETR_KEEP_FREED_MEMORY=0.
-    """
-    if (os.environ.get("DABDETR_KEEP_FREED_MEMORY", "1") == "0"
-            or platform.libc_ver()[0] != "glibc"):  # others' mallopt differs or is absent
-        return False
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    trim_threshold, top_pad, mmap_threshold = -1, -2, -3  # glibc's M_* parameters
-    return bool(mallopt(trim_threshold, 2**31 - 1) and mallopt(top_pad, 64 << 20)
-                and (mallopt(mmap_threshold, 1 << 30) or mallopt(mmap_threshold, 32 << 20)))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    keep_freed_memory()
-    # OpenMP threads that spin while waiting make a CPU run 10-20x slower as soon as another
-    # process competes for the cores (measured here: 9 s instead of 0.6 s per demo training
-    # step). On an idle machine sleeping waits cost some speed (demo training: ~1.9 instead of
-    # ~2.5 steps/s here), a price worth the robustness. Must be set before torch loads its
-    # OpenMP runtime; an explicit OMP_WAIT_POLICY in the environment wins (ACTIVE for speed).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

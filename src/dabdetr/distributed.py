@@ -76,11 +76,6 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if is_initialized():
-        dist.barrier()
-
-
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of `value` over processes (a copy; the input is not modified)."""
     if not is_initialized():

@@ -1,65 +1,107 @@
-"""Faster inference with the same outputs: a fused, pre-folded ResNet.
+"""Faster inference with the same outputs: batch norms folded once, fused convolutions.
 
-The plain model already folds each frozen batch norm into its convolution on the fly, for
-inputs large enough to pay for refolding on every call, and without grad runs the same fused
-oneDNN kernels as below (`Backbone.run_body`). `optimize_for_inference(model)` returns an
-inference-only copy that folds once, at any input size (on small inputs the plain model runs
-its modules unfolded):
-
-- the folded weights (w' = w * s, b' = beta - mean * s with s = gamma / sqrt(var + eps)) are
-  computed once, in float64, and stored channels_last;
-- on CPU (oneDNN builds) each convolution also applies its ReLU, and the last convolution of a
-  residual block adds the shortcut and applies the ReLU in the same kernel, writing into the
-  shortcut's buffer. Activations are channels_last (NHWC), oneDNN's native layout;
-- elsewhere (CUDA, other CPU builds) the folded convolutions run through F.conv2d.
+`optimize_for_inference(model)` returns an inference-only copy of a DabDetr whose backbone is
+`FusedBackbone`: every batch norm folded into its convolution once (w' = w * s,
+b' = beta - mean * s with s = gamma / sqrt(var + eps), computed in float64), activations in
+channels_last memory, and where oneDNN's fused convolution kernel is available (a private torch
+op, checked on first use against F.conv2d; F.conv2d and separate operations otherwise) each
+convolution applies its ReLU, and the last convolution of a residual block adds the shortcut in
+the same kernel. The original model is not modified.
 
 Numerically the optimized model differs from the plain one only by float32 rounding (max abs
-difference ~2e-6 on logits and ~3e-7 on boxes of DAB-DETR-R50 at 800x1088, see
-benchmarks/RESULTS.md). Its state dict holds folded weights: it is not a checkpoint; save the
-original model instead.
+difference ~2e-6 on logits of DAB-DETR-R50 at 800x1088; `benchmarks/README.md`). Its state dict
+holds folded weights: it is not a checkpoint; save the original model instead.
 
-`quantize="int8"` additionally applies dynamic int8 quantization to the transformer's
-nn.Linear layers (CPU only). That is not exact: on DAB-DETR-R50 logits move by ~7e-2 and boxes
-by ~4e-3, for ~7% less time.
-
-`bf16=True` (`--optimize bf16`) is another inexact mode: the fused convolutions with bfloat16
-weights, the transformer under bfloat16 autocast (`dabdetr.precision`). On a 2-core Xeon with
-AMX, DAB-DETR-R50 at 800x1088 took 0.33-0.48 s instead of 1.0-1.1 s; logits move by ~4e-2,
-boxes by ~1e-3.
-
-`cudagraph` (`--optimize cudagraph`, `CUDAGraphed`) is for a GPU and inputs of a fixed size (a
-camera stream, a fixed resize): the fused model's forward is captured once per input shape as a
-CUDA graph and replayed, which removes the per-kernel launch cost that bounds DAB-DETR-R50 at
-batch 1 on a fast GPU. Same arithmetic as `fused`. Each new shape costs a capture (about three
-forward passes), so inputs of many sizes (COCO evaluation) are faster with `fused`.
-
-Not used, measured on a 2-core Xeon: torch.compile (inductor with freezing) made the backbone
-slower than these kernels (1.45 s vs ~1.1 s at 800x1088, 1 thread) and took ~40 s to compile;
-oneDNN weight prepacking gained ~4% but gives wrong results when a caller passes NCHW input.
+`quantize="int8"` also applies dynamic int8 quantization to the transformer's nn.Linear layers
+(CPU only; not exact). `bf16=True` stores the folded weights in bfloat16 and runs the forward
+under bfloat16 autocast (`AutocastModel`; not exact). `CUDAGraphed` replays one CUDA graph per
+input shape (GPU, inputs of one size). `optimized(model, mode)` applies the command line's
+`--optimize` modes.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import logging
 import warnings
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
-from dabdetr.models.backbone import fused_conv2d
+from dabdetr.models.backbone import Backbone, features_per_image, resize_mask
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.models.outputs import DetectionOutput
 from dabdetr.precision import check_amp
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OPTIMIZE_CHOICES", "CUDAGraphed", "FusedConv2d", "FusedResNet", "add_cli_argument",
-           "fold_batch_norm", "optimize_for_inference", "optimized"]
+__all__ = ["OPTIMIZE_CHOICES", "AutocastModel", "CUDAGraphed", "FusedBackbone", "FusedConv2d",
+           "FusedResNet", "add_cli_argument", "fold_batch_norm", "fused_conv2d",
+           "optimize_for_inference", "optimized"]
+
+
+@functools.cache
+def onednn_fusion(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's fused convolution (+ bias, ReLU, residual sum) kernels, private torch
+    ops, exist in this build and agree with F.conv2d in `dtype` on this CPU. Checked once, on
+    first use; any failure means False and the public fallback runs."""
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    if not (torch.backends.mkldnn.is_available() and mkldnn is not None
+            and hasattr(mkldnn, "_convolution_pointwise")
+            and hasattr(mkldnn, "_convolution_pointwise_")):
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 8, 6, 6, generator=gen).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = torch.randn(8, 8, 3, 3, generator=gen).to(dtype)
+        w = w.contiguous(memory_format=torch.channels_last)
+        b = torch.randn(8, generator=gen).to(dtype)
+        shortcut = torch.randn(1, 8, 6, 6, generator=gen).to(dtype)
+        with torch.no_grad():
+            got = mkldnn._convolution_pointwise.default(x, w, b, [1, 1], [1, 1], [1, 1], 1,
+                                                         "relu", [], "")
+            got_sum = mkldnn._convolution_pointwise_.binary(
+                shortcut.clone().contiguous(memory_format=torch.channels_last), x, w, b,
+                [1, 1], [1, 1], [1, 1], 1, "add", 1.0, "relu", [], "")
+            ref = F.conv2d(x.float(), w.float(), b.float(), 1, 1)
+        tol = 1e-4 if dtype == torch.float32 else 0.1
+        return (torch.allclose(got.float(), ref.relu(), atol=tol, rtol=tol)
+                and torch.allclose(got_sum.float(), (ref + shortcut.float()).relu(), atol=tol,
+                                   rtol=tol))
+    except (RuntimeError, TypeError, AttributeError):
+        return False
+
+
+def fused_conv2d(x: Tensor, weight: Tensor, bias: Tensor, stride, padding, dilation,
+                 groups: int, relu: bool, shortcut: Tensor | None = None) -> Tensor:
+    """relu?(conv2d(x, weight, bias) + shortcut?), the ReLU after the sum as in a residual block.
+
+    x: [B, C_in, H, W]; weight: [C_out, C_in / groups, kh, kw]; bias: [C_out]; shortcut:
+    [B, C_out, H', W'] or None. On a CPU where `onednn_fusion` holds, without autograd, this is
+    one oneDNN kernel and a shortcut's buffer receives the result (the caller must not need it
+    afterwards); elsewhere F.conv2d and separate operations.
+    """
+    if (x.device.type == "cpu" and x.dtype == weight.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and onednn_fusion(x.dtype)):
+        args = (weight, bias, list(padding), list(stride), list(dilation), groups)
+        if shortcut is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, *args, "relu" if relu else "none", [], "")
+        shortcut = shortcut.contiguous(memory_format=torch.channels_last)
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            shortcut, x, *args, "add", 1.0, "relu" if relu else None, [], "")
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if shortcut is not None:
+        y = y + shortcut
+    return F.relu(y) if relu else y
 
 
 def fold_batch_norm(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
@@ -179,6 +221,54 @@ class FusedResNet(nn.Module):
         return self.blocks(x)
 
 
+class FusedBackbone(nn.Module):
+    """`Backbone`'s contract (forward(images, mask, pad_invariant) -> (features, mask)) on a
+    `FusedResNet` built from a Backbone's body; inference only. Features come back in the
+    default (contiguous) memory format, as the plain backbone gives them."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.body = FusedResNet(backbone.body)
+        self.num_channels = backbone.num_channels
+        self.stride = backbone.stride
+
+    def _features(self, images: Tensor) -> Tensor:
+        return self.body(images).to(images.dtype).contiguous()
+
+    def forward(self, images: Tensor, mask: Tensor, pad_invariant: bool = False
+                ) -> tuple[Tensor, Tensor]:
+        if pad_invariant:
+            return features_per_image(self._features, images, mask)
+        features = self._features(images)
+        return features, resize_mask(mask, features.shape[-2:])
+
+
+class InferenceWrapper(nn.Module):
+    """A module that runs a wrapped inference DabDetr (`model`) differently; `config` is the
+    wrapped model's."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+class AutocastModel(InferenceWrapper):
+    """`model` with its forward under torch.autocast in `dtype` (anchors, boxes and outputs stay
+    float32: the model keeps them so)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__(model)
+        self.dtype = dtype
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> DetectionOutput:
+        with torch.autocast(images.device.type, dtype=self.dtype):
+            return self.model(images, mask)
+
+
 #: choices of the `--optimize` option of `dabdetr predict` and `dabdetr evaluate`
 OPTIMIZE_CHOICES = ("none", "fused", "int8", "bf16", "cudagraph")
 
@@ -195,21 +285,21 @@ def add_cli_argument(parser: argparse.ArgumentParser) -> None:
              "inputs of one size). Deviations and AP effects: benchmarks/RESULTS.md")
 
 
-def optimized(model: DabDetr, mode: str) -> DabDetr:
+def optimized(model: DabDetr, mode: str) -> nn.Module:
     """`mode` as the command line names it: "none" (the model itself), "fused"
-    (`optimize_for_inference`, in place), "int8" (fused plus dynamic int8 Linear layers),
-    "bf16" (fused with bfloat16 convolution weights, the rest under bfloat16 autocast) or
-    "cudagraph" (fused, wrapped in `CUDAGraphed`; CUDA only)."""
+    (`optimize_for_inference`), "int8" (fused plus dynamic int8 Linear layers), "bf16" (fused
+    with bfloat16 convolution weights, under bfloat16 autocast) or "cudagraph" (fused, wrapped
+    in `CUDAGraphed`; CUDA only). Every mode but "none" returns a new module; `model` is left
+    as it is."""
     if mode not in OPTIMIZE_CHOICES:
         raise ValueError(f"unknown optimization {mode!r}; choose one of {OPTIMIZE_CHOICES}")
     if mode == "none":
         return model
     if mode == "cudagraph":
-        _check_cuda(model)  # before any change to the model
-    fused = optimize_for_inference(model, inplace=True,
-                                   quantize="int8" if mode == "int8" else None,
-                                   bf16=mode == "bf16")
-    return CUDAGraphed(fused) if mode == "cudagraph" else fused
+        _check_cuda(model)  # before any work
+    fast = optimize_for_inference(model, quantize="int8" if mode == "int8" else None,
+                                  bf16=mode == "bf16")
+    return CUDAGraphed(fast) if mode == "cudagraph" else fast
 
 
 def _check_cuda(model: nn.Module) -> None:
@@ -228,7 +318,7 @@ def _cloned(out: DetectionOutput | None) -> DetectionOutput | None:
                            enc_outputs=_cloned(out.enc_outputs))
 
 
-class CUDAGraphed(nn.Module):
+class CUDAGraphed(InferenceWrapper):
     """An inference DabDetr on a GPU whose forward replays a CUDA graph, one per input shape.
 
     DAB-DETR runs hundreds of small kernels per image; at batch 1 on a fast GPU the time to
@@ -246,19 +336,14 @@ class CUDAGraphed(nn.Module):
     The forward always runs under torch.inference_mode(). `config` is the wrapped model's.
     """
 
-    def __init__(self, model: DabDetr, max_shapes: int = 8):
-        super().__init__()
+    def __init__(self, model: nn.Module, max_shapes: int = 8):
         _check_cuda(model)
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be at least 1, got {max_shapes}")
-        self.model = model.eval().requires_grad_(False)
+        super().__init__(model.eval().requires_grad_(False))
         self.max_shapes = max_shapes
         self.captures = 0
         self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
-
-    @property
-    def config(self):
-        return self.model.config
 
     @torch.inference_mode()
     def forward(self, images: Tensor, mask: Tensor) -> DetectionOutput:
@@ -294,26 +379,24 @@ class CUDAGraphed(nn.Module):
         return static_images, static_mask, graph, out
 
 
-def optimize_for_inference(
-    model: DabDetr, *, inplace: bool = False, quantize: str | None = None, bf16: bool = False
-) -> DabDetr:
-    """An inference-only DabDetr that computes the same outputs faster.
+def optimize_for_inference(model: DabDetr, *, quantize: str | None = None, bf16: bool = False
+                           ) -> nn.Module:
+    """An inference-only copy of `model` that computes the same outputs faster.
 
     Args:
         model: a DabDetr (any backbone/config; its ResNet may use FrozenBatchNorm2d or
-            BatchNorm2d, whose running statistics are then frozen into the weights).
-        inplace: False (default) leaves `model` untouched and returns an optimized deep copy;
-            True converts `model` itself and returns it.
+            BatchNorm2d, whose running statistics are then frozen into the weights). Not
+            modified.
         quantize: None, or "int8" for dynamic int8 quantization of the transformer's nn.Linear
             layers (CPU; outputs then differ by ~1e-2, no longer by float rounding only).
-        bf16: folded convolution weights in bfloat16 (the fused oneDNN kernels then run in
-            bfloat16) and the rest of the forward under bfloat16 autocast
-            (`model.autocast_dtype`); CUDA, or a CPU with native bfloat16 (see
-            `dabdetr.precision`). Not exact: logits move by ~4e-2, boxes by ~1e-3.
+        bf16: folded convolution weights in bfloat16 and the forward under bfloat16 autocast
+            (`AutocastModel`); CUDA, or a CPU with native bfloat16 (see `dabdetr.precision`).
+            Not exact: logits move by ~4e-2, boxes by ~1e-3.
 
-    Returns the model in eval mode with gradients disabled. Run it under torch.inference_mode()
-    (or no_grad). Its outputs equal the original's up to float32 rounding (~1e-6); its
-    state_dict holds folded weights, so keep the original for saving and fine-tuning.
+    Returns a DabDetr with a `FusedBackbone` (an `AutocastModel` around it with bf16), in eval
+    mode with gradients disabled; forward(images, mask) as DabDetr's. Run it under
+    torch.inference_mode() (or no_grad). Its outputs equal the original's up to float32
+    rounding (~1e-6); its state_dict holds folded weights, so keep the original for saving.
     """
     if not isinstance(model, DabDetr):
         raise TypeError(f"optimize_for_inference expects a DabDetr, got {type(model).__name__}")
@@ -325,21 +408,10 @@ def optimize_for_inference(
     device = next(model.parameters()).device
     if quantize == "int8" and device.type != "cpu":
         raise ValueError("quantize='int8' (dynamic quantization) runs on CPU only")
-    autocast = check_amp("bf16", device) if bf16 else None  # refuses before any change
-    if not inplace:
-        model = copy.deepcopy(model)
-    model.eval().requires_grad_(False)
-    model.backbone.body = FusedResNet(model.backbone.body).to(device)
-    # the 1x1 projection reads the channels_last features; torch's own dispatch picks a slow
-    # non-oneDNN kernel for it
-    model.input_proj = FusedConv2d(model.input_proj, None, relu=False).to(device)
-    if autocast is not None:
-        model.autocast_dtype = autocast
-        # autocast does not reach the fused oneDNN kernels; bfloat16 weights (and the body's
-        # input cast to them) make them run in bfloat16: 1.17x faster than autocast over the
-        # plain model for R50 at 800x1088 (benchmarks/RESULTS.md)
-        model.backbone.body.to(torch.bfloat16)
-        model.input_proj.to(torch.bfloat16)
+    autocast = check_amp("bf16", device) if bf16 else None  # refuses before any work
+    fast = copy.deepcopy(model).eval().requires_grad_(False)
+    # the copy's backbone (not the caller's) becomes its fused twin: the same contract
+    fast.backbone = FusedBackbone(fast.backbone).to(device)
     if quantize == "int8":
         with warnings.catch_warnings():
             # torch.ao.quantization announces its move to torchao; it still ships with torch
@@ -347,5 +419,9 @@ def optimize_for_inference(
             warnings.simplefilter("ignore", UserWarning)
             from torch.ao.quantization import quantize_dynamic
 
-            quantize_dynamic(model.transformer, {nn.Linear}, dtype=torch.qint8, inplace=True)
-    return model
+            quantize_dynamic(fast.transformer, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    if autocast is None:
+        return fast
+    # autocast does not reach the fused oneDNN kernels: bfloat16 weights make them run in it
+    fast.backbone.body.to(torch.bfloat16)
+    return AutocastModel(fast, autocast)

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_convert
 
+from dabdetr.models.box_ops import cxcywh_to_xyxy
 from dabdetr.models.outputs import DetectionOutput
 
 
@@ -44,7 +44,7 @@ def postprocess(
     scores, index = torch.topk(prob.view(batch, -1), k, dim=1)
     query = torch.div(index, num_classes, rounding_mode="floor")
     labels = index % num_classes
-    xyxy = box_convert(boxes.float(), "cxcywh", "xyxy")
+    xyxy = cxcywh_to_xyxy(boxes.float())
     xyxy = torch.gather(xyxy, 1, query.unsqueeze(-1).expand(-1, -1, 4))
     height, width = sizes.unbind(1)
     scale = torch.stack([width, height, width, height], dim=1)  # (B, 4)

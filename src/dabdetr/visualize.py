@@ -10,6 +10,8 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
 
+from dabdetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 # A fixed, readable palette; class i gets colour i mod len.
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
            "#bfef45", "#fabed4", "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3",
@@ -50,8 +52,8 @@ def image_grid(images: Sequence[Image.Image], columns: int = 4, pad: int = 4) ->
     return grid
 
 
-def to_uint8_image(normalized: Tensor, mean=(0.485, 0.456, 0.406),
-                   std=(0.229, 0.224, 0.225)) -> Tensor:
+def to_uint8_image(normalized: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> Tensor:
     """Undo ImageNet normalization: [3, H, W] float -> uint8 [3, H, W]."""
     m = torch.tensor(mean, device=normalized.device)[:, None, None]
     s = torch.tensor(std, device=normalized.device)[:, None, None]
@@ -63,8 +65,8 @@ def query_attention(model, images: Tensor, mask: Tensor | None = None, layer: in
     """What each query looks at: the decoder cross-attention of one layer.
 
     Args:
-        model: a DabDetr in eval mode (or a `dabdetr.optimize.CUDAGraphed` one, whose wrapped
-            model then runs eagerly: hooks do not fire in a graph replay).
+        model: a DabDetr in eval mode (or one wrapped by `dabdetr.optimize`, whose wrapped
+            model then runs eagerly: hooks do not fire in a CUDA graph replay).
             images: [B, 3, H, W]; mask: [B, H, W] bool or None.
         layer: decoder layer index (default: the last).
     Returns:
@@ -72,9 +74,9 @@ def query_attention(model, images: Tensor, mask: Tensor | None = None, layer: in
         attention weights of every query over the feature cells (h, w), averaged over heads;
         each map sums to 1 over the image's valid cells.
     """
-    from dabdetr.optimize import CUDAGraphed
+    from dabdetr.optimize import InferenceWrapper
 
-    if isinstance(model, CUDAGraphed):
+    while isinstance(model, InferenceWrapper):
         model = model.model
     captured: dict = {}
 

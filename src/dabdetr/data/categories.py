@@ -49,7 +49,8 @@ COCO_CATEGORY_NAMES: Mapping[int, str] = MappingProxyType(
 )  # fmt: skip
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """Whether `value` is an int (a bool is not)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -92,7 +93,7 @@ class CategoryMap:
                 if self.layout == "contiguous":
                     raise ValueError(f"class {index} has no category: contiguous maps have none")
                 continue
-            if not _is_int(cat_id):
+            if not is_int(cat_id):
                 raise ValueError(f"class {index}: category id must be an int, got {cat_id!r}")
             if not isinstance(name, str):
                 raise ValueError(f"class {index}: name must be a str, got {name!r}")
@@ -162,7 +163,7 @@ class CategoryMap:
             if not isinstance(entry, Mapping):
                 raise ValueError(f"categories[{i}] must be a dict, got {type(entry).__name__}")
             cat_id, name = entry.get("id"), entry.get("name")
-            if not _is_int(cat_id):
+            if not is_int(cat_id):
                 raise ValueError(f"categories[{i}].id must be an int, got {cat_id!r}")
             if not isinstance(name, str):
                 raise ValueError(f"categories[{i}].name must be a str, got {name!r}")
@@ -210,7 +211,7 @@ class CategoryMap:
         return self.names[class_index]
 
     def _check_index(self, class_index: int) -> None:
-        if not _is_int(class_index) or not 0 <= class_index < self.num_classes:
+        if not is_int(class_index) or not 0 <= class_index < self.num_classes:
             raise ValueError(
                 f"class index must be an int in [0, {self.num_classes}), got {class_index!r}"
             )
@@ -237,7 +238,7 @@ class CategoryMap:
         if missing:
             raise ValueError(f"category map JSON lacks keys {sorted(missing)}")
         layout, num_classes = data["layout"], data["num_classes"]
-        if not _is_int(num_classes) or num_classes <= 0:
+        if not is_int(num_classes) or num_classes <= 0:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         entries = data["categories"]
         if not isinstance(entries, list):
@@ -246,7 +247,7 @@ class CategoryMap:
         names: list[str | None] = [None] * num_classes
         for entry in entries:
             index = entry.get("class_index") if isinstance(entry, Mapping) else None
-            if not _is_int(index) or not 0 <= index < num_classes:
+            if not is_int(index) or not 0 <= index < num_classes:
                 raise ValueError(
                     f"bad category entry {entry!r}: class_index must be an int in "
                     f"[0, {num_classes})"
@@ -261,7 +262,7 @@ def _check_categories(categories: Mapping[int, str]) -> list[int]:
     if not isinstance(categories, Mapping) or not categories:
         raise ValueError("categories must be a non-empty mapping of category id -> name")
     for cat_id, name in categories.items():
-        if not _is_int(cat_id):
+        if not is_int(cat_id):
             raise ValueError(f"category ids must be ints, got {cat_id!r}")
         if not isinstance(name, str):
             raise ValueError(f"category {cat_id}: name must be a str, got {name!r}")

@@ -33,7 +33,7 @@ from torchvision.ops import box_convert
 from torchvision.transforms.v2 import functional as F
 
 from .batching import batch_images
-from .categories import LAYOUTS, CategoryMap, Layout
+from .categories import LAYOUTS, CategoryMap, Layout, is_int
 from .io import load_image_rgb
 from .transforms import to_normalized_tensor
 
@@ -67,10 +67,6 @@ class _ImageRecord:
     height: int | None
     boxes: np.ndarray  # [N, 4] float32 absolute xyxy, clipped to (width, height) when known
     labels: np.ndarray  # [N] int64 class indices
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
@@ -141,7 +137,7 @@ def _check_images(images: list[Any], problems: _Problems) -> None:
             problems.add(f"images[{i}] must be an object, got {type(img).__name__}")
             continue
         image_id = img.get("id")
-        if not _is_int(image_id):
+        if not is_int(image_id):
             problems.add(f"images[{i}].id must be an int, got {image_id!r}")
         elif image_id in seen:
             problems.add(f"images[{i}]: duplicate image id {image_id}")
@@ -151,7 +147,7 @@ def _check_images(images: list[Any], problems: _Problems) -> None:
         if not isinstance(name, str) or not name:
             problems.add(f"images[{i}].file_name must be a non-empty string, got {name!r}")
         for key in ("width", "height"):
-            if key in img and not (_is_int(img[key]) and img[key] > 0):
+            if key in img and not (is_int(img[key]) and img[key] > 0):
                 problems.add(f"images[{i}].{key} must be a positive int, got {img[key]!r}")
 
 
@@ -163,14 +159,14 @@ def _check_annotations(annotations: list[Any], problems: _Problems) -> None:
             continue
         ann_id = ann.get("id")
         # pycocotools indexes annotations by id: a missing or repeated id breaks evaluation.
-        if not _is_int(ann_id):
+        if not is_int(ann_id):
             problems.add(f"annotations[{i}].id must be an int, got {ann_id!r}")
         elif ann_id in seen:
             problems.add(f"annotations[{i}]: duplicate annotation id {ann_id}")
         else:
             seen.add(ann_id)
         for key in ("image_id", "category_id"):
-            if not _is_int(ann.get(key)):
+            if not is_int(ann.get(key)):
                 problems.add(f"annotations[{i}].{key} must be an int, got {ann.get(key)!r}")
         bbox = ann.get("bbox")
         if not (

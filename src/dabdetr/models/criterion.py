@@ -6,14 +6,17 @@ losses unweighted; `weighted_total` does the weighting.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from dabdetr import distributed
+from dabdetr.models.box_ops import cxcywh_to_xyxy
 from dabdetr.models.matcher import (
     HungarianMatcher,
     MatchIndices,
@@ -25,6 +28,9 @@ from dabdetr.models.outputs import DetectionOutput
 
 DEFAULT_WEIGHTS: dict[str, float] = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 """The published recipe: classification 1, L1 5, GIoU 2 (the same on every decoder layer)."""
+
+# the suffixes of the copies of a term: denoising (`_dn`), then an auxiliary layer or the encoder
+_LOSS_SUFFIX = re.compile(r"(_dn)?(_\d+|_enc)?$")
 
 
 class SetCriterion(nn.Module):
@@ -94,35 +100,45 @@ class SetCriterion(nn.Module):
         self.match_repeat_layers = (
             None if match_repeat_layers is None else frozenset(match_repeat_layers)
         )
-        self.base_weight_dict: dict[str, float] = dict(
-            DEFAULT_WEIGHTS if weight_dict is None else weight_dict
-        )
-        # Grows (never shrinks) as forward sees auxiliary layers, so it always holds every key
-        # forward has returned. Use weight_dict_for(num_aux) to get it ahead of time.
-        self.weight_dict: dict[str, float] = dict(self.base_weight_dict)
+        # fixed here: the weight of a suffixed key (`_i`, `_enc`, `_dn`, `_dn_i`) is its base
+        # term's (see `weight`)
+        self.weight_dict: Mapping[str, float] = MappingProxyType(
+            dict(DEFAULT_WEIGHTS if weight_dict is None else weight_dict))
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, focal_alpha={self.focal_alpha}, "
             f"focal_gamma={self.focal_gamma}, match_repeat={self.match_repeat}, "
-            f"weights={self.base_weight_dict}"
+            f"weights={dict(self.weight_dict)}"
         )
 
     def weight_dict_for(self, num_aux: int) -> dict[str, float]:
         """Weights of every key forward returns for outputs with `num_aux` auxiliary layers:
         the base weights plus a `_i` copy of each for i in range(num_aux)."""
-        weights = dict(self.base_weight_dict)
+        weights = dict(self.weight_dict)
         for i in range(num_aux):
-            weights.update({f"{k}_{i}": w for k, w in self.base_weight_dict.items()})
+            weights.update({f"{k}_{i}": w for k, w in self.weight_dict.items()})
         return weights
+
+    def weight(self, key: str) -> float:
+        """The weight of loss `key`: its own, or that of the term it is a copy of (`loss_ce_3`,
+        `loss_ce_enc`, `loss_ce_dn`, `loss_ce_dn_3` weigh like `loss_ce`). KeyError if none."""
+        if key in self.weight_dict:
+            return self.weight_dict[key]
+        base = _LOSS_SUFFIX.sub("", key)
+        if base in self.weight_dict:
+            return self.weight_dict[base]
+        raise KeyError(key)
 
     def weighted_total(self, losses: Mapping[str, Tensor]) -> Tensor:
         """Sum of loss * weight over the keys of `losses` that start with `loss_` (other keys
         are logging-only metrics). A loss key without a weight raises ValueError."""
-        missing = [k for k in losses if k.startswith("loss_") and k not in self.weight_dict]
+        names = [k for k in losses if k.startswith("loss_")]
+        missing = [k for k in names if _LOSS_SUFFIX.sub("", k) not in self.weight_dict
+                   and k not in self.weight_dict]
         if missing:
             raise ValueError(f"no weight for {missing}; add them to the criterion's weight_dict")
-        terms = [v * self.weight_dict[k] for k, v in losses.items() if k.startswith("loss_")]
+        terms = [losses[k] * self.weight(k) for k in names]
         if not terms:
             raise ValueError("weighted_total got no `loss_*` entries")
         return torch.stack(terms).sum()
@@ -140,7 +156,7 @@ class SetCriterion(nn.Module):
 
         Returns:
             Scalar tensors `loss_ce`, `loss_bbox`, `loss_giou` for the last layer and
-            `loss_ce_i`, ... for auxiliary layer i. Every key is in `self.weight_dict`.
+            `loss_ce_i`, ... for auxiliary layer i. `weight(key)` gives each one's weight.
         """
         out = as_detection_output(outputs)
         batch_size, _, num_classes = out.pred_logits.shape
@@ -152,7 +168,6 @@ class SetCriterion(nn.Module):
         check_targets(targets, batch_size, self.num_classes)
         num_boxes = self.num_boxes(targets, out.pred_logits.device)
         num_aux = len(out.aux_outputs)
-        self.weight_dict.update(self.weight_dict_for(num_aux))
 
         # Last layer first (unsuffixed), then aux layer i with suffix _i; `layer` counts decoder
         # layers from the first, so the last one is num_aux.
@@ -186,9 +201,7 @@ class SetCriterion(nn.Module):
         return self._named(self.layer_losses(enc, enc_targets, indices, num_boxes * k), "_enc")
 
     def _named(self, losses: dict[str, Tensor], suffix: str) -> dict[str, Tensor]:
-        """`losses` with `suffix` on every name, each weighted like its unsuffixed term."""
-        for name in losses:
-            self.weight_dict.setdefault(name + suffix, self.base_weight_dict[name])
+        """`losses` with `suffix` on every name (weighted like its unsuffixed term)."""
         return {name + suffix: value for name, value in losses.items()}
 
     def _repeat_for(self, layer: int) -> int:
@@ -258,8 +271,8 @@ class SetCriterion(nn.Module):
         # degenerate boxes); that moves the loss by ~1e-6 relative from upstream.
         loss_giou = (
             generalized_box_iou_loss(
-                box_convert(matched, "cxcywh", "xyxy"),
-                box_convert(tgt_boxes, "cxcywh", "xyxy"),
+                cxcywh_to_xyxy(matched),
+                cxcywh_to_xyxy(tgt_boxes),
                 reduction="sum",
             )
             / num_boxes

@@ -9,10 +9,11 @@ from torch import Tensor, nn
 
 from dabdetr.config import DabDetrConfig
 from dabdetr.models.backbone import Backbone
+from dabdetr.models.box_ops import box_precision, inverse_sigmoid
 from dabdetr.models.denoising import build_denoising_queries
 from dabdetr.models.outputs import DetectionOutput
 from dabdetr.models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSineHW
-from dabdetr.models.transformer import MLP, Transformer, box_precision, inverse_sigmoid
+from dabdetr.models.transformer import MLP, Transformer
 
 
 class AnchorQueries(nn.Module):
@@ -156,12 +157,8 @@ class DabDetr(nn.Module):
     so an image's result depends slightly on its batch mates); config.pad_invariant=True gives
     every image exactly its single-image result.
 
-    `autocast_dtype` (None by default; not saved) makes forward run under torch.autocast in that
-    dtype, as `dabdetr.optimize.optimized(model, "bf16")` sets it. Under autocast, from here or
-    from the caller, outputs, anchors and boxes stay float32.
+    Under torch.autocast, outputs, anchors and boxes stay float32.
     """
-
-    autocast_dtype: torch.dtype | None = None
 
     def __init__(self, config: DabDetrConfig | None = None):
         super().__init__()
@@ -240,13 +237,6 @@ class DabDetr(nn.Module):
                 targets: list[dict[str, Tensor]] | None = None) -> DetectionOutput:
         """`targets` (normalized cxcywh `boxes`, `labels`) are only read in training with
         denoising on (config.dn_groups > 0); they never change the matching queries' output."""
-        if self.autocast_dtype is not None:
-            with torch.autocast(images.device.type, dtype=self.autocast_dtype):
-                return self._forward(images, mask, targets)
-        return self._forward(images, mask, targets)
-
-    def _forward(self, images: Tensor, mask: Tensor | None,
-                 targets: list[dict[str, Tensor]] | None) -> DetectionOutput:
         src, pos, feat_mask = self.feature_maps(images, mask)
         height, width = feat_mask.shape[-2:]
         src, pos, feat_mask = _flatten_maps(src, pos, feat_mask)

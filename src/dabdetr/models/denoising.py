@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dabdetr.models.transformer import inverse_sigmoid
+from dabdetr.models.box_ops import inverse_sigmoid
 
 
 @dataclass

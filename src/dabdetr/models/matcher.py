@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou
 
+from dabdetr.models.box_ops import cxcywh_to_xyxy, generalized_box_iou
 from dabdetr.models.outputs import DetectionOutput
 
 Targets = Sequence[Mapping[str, Any]]
@@ -185,7 +185,7 @@ class HungarianMatcher(nn.Module):
         class_cost = pos[:, tgt_labels] - neg[:, tgt_labels]  # (B*Q, sum N)
         bbox_cost = torch.cdist(pred_boxes, tgt_boxes, p=1)  # (B*Q, sum N)
         giou_cost = -generalized_box_iou(
-            box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
+            cxcywh_to_xyxy(pred_boxes), cxcywh_to_xyxy(tgt_boxes)
         )
         cost = (
             self.cost_bbox * bbox_cost + self.cost_class * class_cost + self.cost_giou * giou_cost

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dabdetr.models.box_ops import box_precision, inverse_sigmoid
 from dabdetr.models.position_encoding import anchor_sine_embedding
 
 
@@ -34,112 +35,15 @@ class MLP(nn.Module):
         return x
 
 
-def box_precision(x: Tensor) -> Tensor:
-    """`x` in float32 if it is in a reduced precision (bf16/fp16 under autocast), else as is.
-
-    Anchors and boxes stay in float32 (or float64) even under autocast: their sine embedding
-    and logit-space updates need more than bfloat16's 8 significant bits."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
-    """log(x / (1 - x)) with x clamped to [0, 1] and both terms to >= eps (upstream: eps 1e-3)."""
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
-def _prelu_grads(grad: Tensor, x: Tensor, slope: float, need_x: bool, need_slope: bool
-                 ) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of prelu(x) with one `slope` for the output gradient `grad`: for x (grad where
-    x > 0, grad * slope elsewhere) and for the slope's one element (sum of grad * x where
-    x <= 0); None where not needed."""
-    grad_x = torch.ops.aten.leaky_relu_backward(grad, x, slope, False) if need_x else None
-    grad_slope = (torch.dot(grad.reshape(-1), x.clamp(max=0).reshape(-1)).reshape(1)
-                  if need_slope else None)
-    return grad_x, grad_slope
-
-
-class _ScalarPReLU(torch.autograd.Function):
-    """prelu(x, slope) for a one-element slope, as a leaky ReLU with the slope read once."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, slope: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.slope = slope.item()
-        return F.leaky_relu(x, ctx.slope)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        (x,) = ctx.saved_tensors
-        return _prelu_grads(grad, x, ctx.slope, *ctx.needs_input_grad)
-
-
-class PReLU(nn.PReLU):
-    """nn.PReLU (same parameter, same outputs). With one slope, on the CPU, it runs as a leaky
-    ReLU whose backward is torch's vectorized leaky-ReLU kernel plus one dot product for the
-    slope's gradient: the FFN activation's forward + backward ~3x faster than nn.PReLU's there
-    (benchmarks/RESULTS.md, session 9). Elsewhere (per-channel slopes, other devices, where
-    reading the slope would wait for the device, mixed dtypes) nn.PReLU's own kernels."""
-
-    def scalar_path(self, x: Tensor) -> bool:
-        """Whether `forward(x)` runs as a leaky ReLU with the slope read once."""
-        slope = self.weight
-        return slope.numel() == 1 and x.device.type == "cpu" and x.dtype == slope.dtype
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.scalar_path(x):
-            return _ScalarPReLU.apply(x, self.weight)
-        return super().forward(x)
-
-
-class _PReLULinear(torch.autograd.Function):
-    """F.linear(prelu(hidden, slope), weight, bias) for a one-element slope, keeping `hidden`
-    and not the activation for the backward pass, which recomputes the activation (one pass)
-    where the weight's gradient needs it. The FFN of each layer then holds one [tokens,
-    dim_feedforward] tensor for backward instead of two (~52 MB less peak memory in an R50
-    training step at batch 2, 512x512). Same gradients as autograd through PReLU and
-    F.linear."""
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, slope: Tensor, weight: Tensor, bias: Tensor | None
-                ) -> Tensor:
-        ctx.save_for_backward(hidden, weight)
-        ctx.slope = slope.item()
-        return F.linear(F.leaky_relu(hidden, ctx.slope), weight, bias)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        hidden, weight = ctx.saved_tensors
-        need_hidden, need_slope, need_weight, need_bias = ctx.needs_input_grad
-        rows = grad.reshape(-1, grad.shape[-1])  # [tokens, out]
-        grad_hidden = grad_slope = grad_weight = grad_bias = None
-        if need_weight:  # [tokens, dim_feedforward] activation, rebuilt
-            grad_weight = rows.t() @ F.leaky_relu(hidden.reshape(-1, hidden.shape[-1]), ctx.slope)
-        if need_bias:
-            grad_bias = rows.sum(0)
-        if need_hidden or need_slope:
-            grad_act = (rows @ weight).view(hidden.shape)
-            grad_hidden, grad_slope = _prelu_grads(grad_act, hidden, ctx.slope, need_hidden,
-                                                   need_slope)
-        return grad_hidden, grad_slope, grad_weight, grad_bias
-
-
 def feed_forward(x: Tensor, linear1: nn.Linear, activation: nn.Module, dropout: nn.Dropout,
                  linear2: nn.Linear) -> Tensor:
-    """linear2(dropout(activation(linear1(x)))); in training with a one-slope PReLU on the CPU
-    (and no dropout there) the activation and linear2 run as `_PReLULinear`."""
-    hidden = linear1(x)
-    if (isinstance(activation, PReLU) and torch.is_grad_enabled() and activation.scalar_path(hidden)
-            and (dropout.p == 0 or not dropout.training)):
-        return _PReLULinear.apply(hidden, activation.weight, linear2.weight, linear2.bias)
-    return linear2(dropout(activation(hidden)))
+    """The layers' FFN: linear2(dropout(activation(linear1(x))))."""
+    return linear2(dropout(activation(linear1(x))))
 
 
 def _activation(name: str) -> nn.Module:
     if name == "prelu":
-        return PReLU()  # one learnable slope, init 0.25
+        return nn.PReLU()  # one learnable slope, init 0.25
     if name == "relu":
         return nn.ReLU()
     if name == "gelu":
@@ -456,24 +360,6 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src: Tensor, mask: Tensor, pos: Tensor, refpoints_unsigmoid: Tensor,
-                bbox_embed: nn.Module | None, extra_queries: tuple[Tensor, Tensor] | None = None,
-                self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """
-        Args:
-            src: [B, S, d] projected image features; pos: [B, S, d]; mask: [B, S] bool, True on
-                padding.
-            refpoints_unsigmoid: [Nq, 4] learned anchors (logit space), shared by the batch, or
-                [B, Nq, 4] per image (query selection).
-            extra_queries: optional (content [B, Nd, d], anchors [B, Nd, 4] logit space) put in
-                front of the matching queries (denoising queries, training only).
-            self_attn_mask: [Nd + Nq', Nq' + Nd] bool (True = attend) for the decoder.
-        Returns: (hs [L, B, N, d], references [L, B, N, 4]) as Decoder.forward.
-        """
-        memory = self.encode(src, pos, mask)
-        return self.decode(memory, pos, mask, refpoints_unsigmoid, bbox_embed, extra_queries,
-                           self_attn_mask)
-
     def encode(self, src: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
         """Encoder output [B, S, d] (mask: [B, S] bool, True on padding)."""
         return self.encoder(src, pos, (~mask)[:, None, None, :])
@@ -481,7 +367,18 @@ class Transformer(nn.Module):
     def decode(self, memory: Tensor, pos: Tensor, mask: Tensor, refpoints_unsigmoid: Tensor,
                bbox_embed: nn.Module | None, extra_queries: tuple[Tensor, Tensor] | None = None,
                self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The decoder on encoder output `memory`; arguments as in forward."""
+        """The decoder on encoder output `memory`.
+
+        Args:
+            memory: [B, S, d] encoder output; pos: [B, S, d]; mask: [B, S] bool, True on padding.
+            refpoints_unsigmoid: [Nq, 4] learned anchors (logit space), shared by the batch, or
+                [B, Nq, 4] per image (query selection).
+            bbox_embed: the box head, for iterative anchor refinement (None: anchors static).
+            extra_queries: optional (content [B, Nd, d], anchors [B, Nd, 4] logit space) put in
+                front of the matching queries (denoising queries, training only).
+            self_attn_mask: [Nd + Nq', Nq' + Nd] bool (True = attend) for the decoder.
+        Returns: (hs [L, B, N, d], references [L, B, N, 4]) as Decoder.forward.
+        """
         batch = memory.shape[0]
         attn_mask = (~mask)[:, None, None, :]  # (B, 1, 1, S): True where a key may be attended
         anchors = refpoints_unsigmoid

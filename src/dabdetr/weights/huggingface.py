@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from dabdetr.config import DabDetrConfig
+from dabdetr.config import BACKBONES, DabDetrConfig
 
 # Declarative key table: (transformers template, our template). `{n}` is a layer index and
 # `{rest}` the remaining dotted path; the same table converts in both directions.
@@ -157,7 +157,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DabDetrConfig:
         raise ValueError(f"config.json has model_type {hf.get('model_type')!r}, expected 'dab-detr'")
     backbone_cfg = hf.get("backbone_config") or {}
     backbone = backbone_cfg.get("backbone") or hf.get("backbone") or "resnet50"
-    if backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+    if backbone not in BACKBONES:
         raise ValueError(f"unsupported Hugging Face backbone {backbone!r}; only torchvision-compatible "
                          "ResNets (resnet18/34/50/101) can be loaded")
     if hf.get("encoder_ffn_dim", 2048) != hf.get("decoder_ffn_dim", 2048):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dabdetr.config import DabDetrConfig
+from dabdetr.config import BACKBONES, DabDetrConfig
 
 # Objects an official (or torchvision) checkpoint may legitimately hold besides tensors.
 SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath,
@@ -102,7 +102,7 @@ def infer_config(state_dict: dict[str, Tensor], args: dict[str, Any] | None = No
     dec = "transformer.decoder."
     values: dict[str, Any] = {}
     values["backbone"] = args.get("backbone") or infer_backbone(sd)
-    if values["backbone"] not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+    if values["backbone"] not in BACKBONES:
         raise ValueError(f"unsupported backbone {values['backbone']!r} in checkpoint args")
     values["backbone_return_layer"] = next(
         (layer for layer in ("layer4", "layer3", "layer2")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -15,7 +15,6 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # keys deliberately not loaded (re-init)
     loaded: int = 0
 
     @property
@@ -24,8 +23,7 @@ class LoadReport:
 
     def format(self) -> str:
         lines = [f"loaded {self.loaded} tensors"]
-        for name, items in (("missing", self.missing), ("unexpected", self.unexpected),
-                            ("skipped (re-initialized)", self.skipped)):
+        for name, items in (("missing", self.missing), ("unexpected", self.unexpected)):
             if items:
                 lines.append(f"{name} ({len(items)}): " + ", ".join(items))
         if self.mismatched:
@@ -38,29 +36,24 @@ def load_state_dict_checked(
     model: nn.Module,
     state_dict: Mapping[str, Tensor],
     strict: bool = True,
-    skip_prefixes: Iterable[str] = (),
 ) -> LoadReport:
     """Load `state_dict` into `model`, reporting every problem at once.
 
     strict=True raises ValueError listing all missing, unexpected and mis-shaped keys (nothing
     is loaded then). strict=False loads every key that fits and leaves the rest at their
     current (initial) values; mis-shaped keys are skipped, e.g. a class head of another size.
-    Keys starting with one of `skip_prefixes` are not loaded and reported as skipped.
     """
     own = model.state_dict()
-    skip_prefixes = tuple(skip_prefixes)
     report = LoadReport()
     usable: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        if skip_prefixes and key.startswith(skip_prefixes):
-            report.skipped.append(key)
-        elif key not in own:
+        if key not in own:
             report.unexpected.append(key)
         elif tuple(value.shape) != tuple(own[key].shape):
             report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
         else:
             usable[key] = value
-    report.missing = [k for k in own if k not in usable and k not in report.skipped
+    report.missing = [k for k in own if k not in usable
                       and not any(k == m[0] for m in report.mismatched)]
     if strict and not report.ok:
         raise ValueError("state dict does not fit the model:\n" + report.format())
