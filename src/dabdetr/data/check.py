@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .categories import CategoryMap
+from .categories import CategoryMap, is_int
 from .formats.base import DatasetReader, DatasetSplit, Problem, read_image_size
 
 logger = logging.getLogger(__name__)
@@ -80,10 +80,6 @@ class SplitReport:
                 "problems": [p.to_json() for p in self.problems]}
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class _Checker:
     """One pass over one split's COCO dict."""
 
@@ -107,7 +103,7 @@ class _Checker:
         kept, dropped, seen = [], set(), set()
         for i, img in enumerate(self.split.coco["images"]):
             where = f"images[{i}]"
-            if not isinstance(img, dict) or not _is_int(img.get("id")):
+            if not isinstance(img, dict) or not is_int(img.get("id")):
                 self.add("malformed", self.source, None, f"{where}: needs an int 'id', got "
                          f"{img.get('id') if isinstance(img, dict) else img!r:.80}")
                 continue
@@ -118,7 +114,7 @@ class _Checker:
                 continue
             seen.add(image_id)
             name = img.get("file_name")
-            sizes_ok = all(_is_int(img.get(k)) and img[k] > 0 for k in ("width", "height")
+            sizes_ok = all(is_int(img.get(k)) and img[k] > 0 for k in ("width", "height")
                            if k in img)
             if not isinstance(name, str) or not name or not sizes_ok:
                 self.add("malformed", self.source, None, f"{where} (id {image_id}): needs a "
@@ -161,7 +157,7 @@ class _Checker:
                 self.add(kind, file, line, f"{where}: {message}")
 
             if not isinstance(ann, dict) or not all(
-                    _is_int(ann.get(k)) for k in ("id", "image_id", "category_id")):
+                    is_int(ann.get(k)) for k in ("id", "image_id", "category_id")):
                 bad("malformed", "needs int 'id', 'image_id' and 'category_id'")
                 continue
             bbox = ann.get("bbox")
