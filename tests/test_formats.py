@@ -344,3 +344,22 @@ def test_problems_raise_a_clear_error(tmp_path):
     (empty / "annotations/instances_train.json").write_text("")
     with pytest.raises(ValueError, match="instances_train.json: annotation file is empty"):
         open_dataset(empty).load("train")
+
+
+def test_yolo_yaml_paths_as_exports_write_them(tmp_path, caplog):
+    root = tmp_path / "export"
+    _png(root / "train/images/a.png", (40, 20))
+    _png(root / "valid/images/b.png", (40, 20))
+    (root / "train/labels").mkdir()
+    (root / "train/labels/a.txt").write_text("1 0.5 0.5 0.5 0.5\n")
+    (root / "data.yaml").write_text(
+        "path: ../datasets/export\ntrain: ../train/images\nval: ../valid/images\n"
+        "test: ../test/images\nnc: 2\nnames: {0: cat, 1: dog}\n")
+    reader = open_dataset(root / "data.yaml", "yolo")
+    with caplog.at_level(logging.WARNING):
+        assert reader.splits() == ["train", "val"]
+    assert "test path ../test/images does not exist" in caplog.text
+    split = load_checked(reader, "train")
+    assert split.coco["annotations"][0]["bbox"] == [10.0, 5.0, 20.0, 10.0]
+    assert split.category_names[split.coco["annotations"][0]["category_id"]] == "dog"
+    assert [i["file_name"] for i in load_checked(reader, "val").coco["images"]] == ["b.png"]

@@ -46,7 +46,6 @@ def test_tensorboard_event_file_reads_back(tmp_path):
     assert "num_queries" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
 
 
-@pytest.mark.slow  # creating MLflow's SQLite store runs its schema migrations: ~15-25 s here
 def test_mlflow_run_in_local_store(tmp_path):
     from mlflow.tracking import MlflowClient
 

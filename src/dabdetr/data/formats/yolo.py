@@ -23,6 +23,7 @@ Category ids in COCO form are the YOLO class id + 1; names are kept.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -33,6 +34,8 @@ from typing import Any
 import yaml
 
 from .base import IMAGE_SUFFIXES, DatasetSplit, Problem, read_image_size
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["YoloReader", "find_yaml", "looks_like_yolo", "write_yolo"]
 
@@ -112,20 +115,31 @@ class YoloReader:
         return here
 
     def _resolve(self, entry: str) -> Path:
+        """A yaml path: relative to ``path`` (or the yaml's folder); failing that, relative to
+        the yaml's folder, with any leading ``..`` dropped (what several exports mean)."""
         path = Path(entry)
         if path.is_absolute():
             return path
-        candidate = self._base() / path
-        if candidate.exists():
-            return candidate
-        # exports that write '../train/images' beside the yaml mean the yaml's own folder
+        assert self.yaml_file is not None
         stripped = Path(*[p for p in path.parts if p not in ("..", ".")])
-        alt = self._base() / stripped
-        return alt if alt.exists() else candidate
+        here = self.yaml_file.parent
+        candidates = [self._base() / path, here / path, self._base() / stripped, here / stripped]
+        return next((c for c in candidates if c.exists()), candidates[0])
+
+    def _exists(self, split: str) -> bool:
+        entries = self._config.get(split)
+        if not entries:
+            return False
+        listed = entries if isinstance(entries, list) else [entries]
+        missing = [str(e) for e in listed if not self._resolve(str(e)).exists()]
+        if missing:
+            logger.warning("%s: %s path %s does not exist; skipping the split", self.yaml_file,
+                           split, ", ".join(missing))
+        return not missing
 
     def splits(self) -> list[str]:
         if self.yaml_file is not None:
-            return [s for s in ("train", "val", "test") if self._config.get(s)]
+            return [s for s in ("train", "val", "test") if self._exists(s)]
         images = self.root / "images"
         return sorted(p.name for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
 
