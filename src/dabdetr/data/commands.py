@@ -75,8 +75,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     """Register `check-data` and `convert-data`."""
     p = sub.add_parser("check-data", help="count and check a dataset (COCO, YOLO or VOC)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dataset_arguments(p)
-    p.add_argument("--split", nargs="*", default=None, help="splits to check (default: all)")
+    add_dataset_arguments(p, data_required=False)
+    p.add_argument("--split", nargs="*", default=None,
+                   help="splits to check; None: every split the dataset holds")
     p.add_argument("--json", default=None, metavar="PATH", help="write the full report here")
     p.add_argument("--plot", default="box_sizes.png", metavar="PNG",
                    help="box-size histogram ('none' to skip)")
@@ -89,7 +90,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     c.add_argument("dst", help="new output folder (must not exist or be empty)")
     c.add_argument("--to", choices=FORMATS, required=True, help="output format")
     c.add_argument("--format", choices=FORMAT_CHOICES, default="auto", help="input format")
-    c.add_argument("--split", nargs="*", default=None, help="splits to convert (default: all)")
+    c.add_argument("--split", nargs="*", default=None,
+                   help="splits to convert; None: every split the dataset holds")
     c.add_argument("--skip-bad", action="store_true",
                    help="leave out entries with problems instead of stopping")
     c.set_defaults(func=_cmd_convert)

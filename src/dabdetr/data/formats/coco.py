@@ -52,17 +52,21 @@ class CocoReader:
     def __init__(self, root: str | os.PathLike[str] | None,
                  split_files: Mapping[str, str | os.PathLike[str]] | None = None,
                  images: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(root) if root else Path(".")
         self.split_files = {k: Path(v) for k, v in (split_files or {}).items() if v}
+        self.folder = Path(root) if root else None  # None: only the explicit files
+        if self.folder is None and not self.split_files:
+            raise ValueError("no COCO dataset given: pass --data DIR or --train-json/--val-json")
+        self.root = self.folder or next(iter(self.split_files.values())).parent
         self.images = Path(images) if images else None
         if self.images is not None and not self.images.is_dir():
             raise ValueError(f"--images {self.images} is not a folder")
 
     def splits(self) -> list[str]:
         found = set(self.split_files)
-        found.update(p.stem[len("instances_"):]
-                     for p in (self.root / "annotations").glob("instances_*.json"))
-        found.update(p.parent.name for p in self.root.glob(f"*/{_EXPORT_NAME}"))
+        if self.folder is not None:
+            found.update(p.stem[len("instances_"):]
+                         for p in (self.folder / "annotations").glob("instances_*.json"))
+            found.update(p.parent.name for p in self.folder.glob(f"*/{_EXPORT_NAME}"))
         return sorted(found)
 
     def _locate(self, split: str) -> tuple[Path, Path]:
@@ -72,16 +76,19 @@ class CocoReader:
             if self.images is not None:
                 return ann, self.images
             # the dataset folder's layout, else the one the json sits in, else its own folder
-            for root in (self.root, ann.parent.parent):
+            for root in filter(None, (self.folder, ann.parent.parent)):
                 try:
                     return ann, resolve_split(root, split)[0]
                 except ValueError:
                     continue
             return ann, ann.parent
-        export = self.root / split / _EXPORT_NAME
+        if self.folder is None:
+            raise ValueError(f"no annotation file for split {split!r}: pass --data DIR or the "
+                             f"split's json (given: {', '.join(self.split_files)})")
+        export = self.folder / split / _EXPORT_NAME
         if export.is_file():
             return export, self.images or export.parent
-        images_dir, ann = resolve_split(self.root, split)
+        images_dir, ann = resolve_split(self.folder, split)
         return ann, self.images or images_dir
 
     def load(self, split: str) -> DatasetSplit:
