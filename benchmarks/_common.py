@@ -184,8 +184,8 @@ def matmul_peak_gflops(device: str, n: int = 2048, reps: int = 5) -> float:
 
 
 def count_flops(fn: Callable[[], object]) -> float:
-    """FLOPs of one call, as torch.utils.flop_counter counts them (2 per multiply-add; dabdetr
-    gives it the FLOPs of oneDNN's fused convolutions, see dabdetr.models.backbone)."""
+    """FLOPs of one call, as torch.utils.flop_counter counts them (2 per multiply-add; it does
+    not see oneDNN's fused convolutions, so count on the plain model)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)

@@ -3,7 +3,7 @@
 A step is: zero_grad, forward, set loss with auxiliary (per decoder layer) terms, backward,
 gradient clipping at 0.1, AdamW step (lr 1e-4, backbone 1e-5, weight decay 1e-4) — the
 published recipe. Ours uses SetCriterion (HungarianMatcher, focal + L1 + GIoU) and the
-optimizer `dabdetr.engine.train.build_optimizer` makes. transformers computes its own loss from
+optimizer `dabdetr.engine.schedule.build_optimizer` makes. transformers computes its own loss from
 `labels` (auxiliary_loss=True) and gets the AdamW its Trainer builds by default
 (`adamw_torch_fused` for torch >= 2.8), so both sides run torch's fused AdamW kernel.
 transformers is run twice: as shipped ("transformers", which trains its whole backbone) and
@@ -19,7 +19,6 @@ warm-up step, which creates the optimizer state).
     python benchmarks/bench_train.py                       # R50, batch 2 at 512x512, CPU
     python benchmarks/bench_train.py --device cuda --amp   # bf16 autocast
     python benchmarks/bench_train.py --authors-repo ../DAB-DETR  # + the authors' code
-    python benchmarks/bench_train.py --keep-freed-memory   # malloc as the dabdetr command
     python benchmarks/bench_train.py --tiny                # CI smoke test
 """
 
@@ -78,7 +77,8 @@ def _recipe_adamw(model: torch.nn.Module, in_backbone, fused: bool) -> torch.opt
 
 def ours_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     """The recipe's AdamW as `dabdetr train` builds it."""
-    from dabdetr.engine.train import TrainConfig, build_optimizer
+    from dabdetr.engine.config import TrainConfig
+    from dabdetr.engine.schedule import build_optimizer
 
     return build_optimizer(
         model, TrainConfig(lr=LR, lr_backbone=BACKBONE_LR, weight_decay=WEIGHT_DECAY))

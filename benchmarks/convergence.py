@@ -4,12 +4,11 @@ Runs each named recipe through the same `Trainer` that `dabdetr train` uses, for
 wall-clock budget, evaluating COCO AP on the held-out split after every epoch.
 
     python benchmarks/convergence.py --minutes 10 --recipes naive demo
-    python benchmarks/convergence.py --minutes 6 --jobs 2 --recipes demo demo-no-o2m ...
+    python benchmarks/convergence.py --minutes 6 --jobs 2 --recipes demo demo+o2m ...
 
 With --jobs 2 two recipes run at once with one thread each (compare them by images seen; the
 wall-clock axis then reflects half the machine). Results: one run directory per recipe under
---out, a PNG plot and a markdown table (also written to benchmarks/RESULTS.md's Convergence
-section with --update-results).
+--out, a PNG plot and a markdown table (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -22,13 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-# Each recipe: a model preset + overrides and TrainConfig fields. Keep in sync with the table
-# in benchmarks/RESULTS.md; `dabdetr demo` uses DEMO (src/dabdetr/demo.py).
+# Each recipe: a model preset + overrides and TrainConfig fields; `dabdetr demo` uses DEMO_RECIPE
+# (src/dabdetr/demo.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dabdetr.demo import DEMO_RECIPE  # noqa: E402
-from dabdetr.engine.train import read_log  # noqa: E402
+from dabdetr.engine.runlog import read_log  # noqa: E402
 
-NAIVE = {  # the issue's baseline: authors' recipe with a trainable ResNet-18 from scratch
+NAIVE = {  # the authors' recipe with a trainable ResNet-18 from scratch
     "model": "cpu-small",
     "model_overrides": {"backbone_return_layer": "layer4", "dilation": False, "hidden_dim": 256,
                         "enc_layers": 3, "dec_layers": 3, "dim_feedforward": 1024,
@@ -50,8 +49,7 @@ def _variant(**changes):
 
 
 def _b16(**changes):
-    """A variant at batch 16, the demo's batch size until session 19 (the recipes measured
-    then keep meaning what their commands in RESULTS.md ran)."""
+    """A variant of the demo recipe at batch 16 instead of the demo's 8."""
     return _variant(**{"batch_size": 16, **changes})
 
 
@@ -70,15 +68,15 @@ RECIPES = {
     "demo-clip0.1": _variant(clip_max_norm=0.1),
     # candidate additions
     "demo+dn": _variant(model_overrides={"dn_groups": 3}),
-    "demo-b16": _b16(),  # the demo's batch until session 19
-    # the classification weight, without the lr drop, at the demo's batch size then (16;
-    # compared at fixed images seen; session 16)
+    "demo-b16": _b16(),
+    # the classification weight and focal alpha at batch 16, without the lr drop (compare at
+    # fixed images seen)
     "nodrop-cls2": _b16(cls_loss_coef=2.0, lr_drop_time=None),
     "nodrop-cls4": _b16(cls_loss_coef=4.0, lr_drop_time=None),
     "nodrop-cls8": _b16(cls_loss_coef=8.0, lr_drop_time=None),
     "nodrop-cls2-alpha0.5": _b16(cls_loss_coef=2.0, focal_alpha=0.5, lr_drop_time=None),
     "nodrop-cls8-alpha0.5": _b16(cls_loss_coef=8.0, focal_alpha=0.5, lr_drop_time=None),
-    # session 19: the learning rate and the batch size on top of weight 8
+    # the learning rate and the batch size on top of weight 8
     "nodrop-cls8-lr2e-3": _b16(cls_loss_coef=8.0, lr=2e-3, lr_backbone=2e-3, lr_drop_time=None),
     "nodrop-cls8-b8": _variant(cls_loss_coef=8.0, batch_size=8, lr_drop_time=None),
 }
@@ -88,7 +86,8 @@ def run_one(name: str, data: str, out: Path, minutes: float, seed: int, threads:
     import torch
 
     torch.set_num_threads(threads)
-    from dabdetr.engine.train import TrainConfig, Trainer
+    from dabdetr.engine.config import TrainConfig
+    from dabdetr.engine.trainer import Trainer
 
     recipe = dict(RECIPES[name])
     cfg = TrainConfig(data=data, out=str(out / name), epochs=10_000, time_limit=minutes,
@@ -176,7 +175,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="recipes run in parallel")
     parser.add_argument("--report-only", action="store_true", help="just plot existing runs")
     parser.add_argument("--title", default=None,
-                        help="the plot's title (say which machine, session and command)")
+                        help="the plot's title (say which machine, date and command)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()

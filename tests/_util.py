@@ -12,7 +12,7 @@ import torch
 
 import dabdetr
 from dabdetr.config import DabDetrConfig
-from dabdetr.engine.train import TrainConfig
+from dabdetr.engine.config import TrainConfig
 
 
 def in_ci() -> bool:

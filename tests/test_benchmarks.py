@@ -177,7 +177,7 @@ def test_convergence_report_reads_runs_and_titles_the_plot(tmp_path, monkeypatch
         "\n".join(json.dumps(r) for r in records) + '\n{"type": "ep')
     (tmp_path / "absent").mkdir()
     monkeypatch.setattr(sys, "argv", ["convergence.py", "--report-only", "--out", str(tmp_path),
-                                      "--recipes", "b8-seed0", "absent", "--title", "session X"])
+                                      "--recipes", "b8-seed0", "absent", "--title", "machine X"])
     convergence.main()
     table = capsys.readouterr().out
     assert "| b8-seed0 | 0.200 / 0.400 | - | 9.0 | 8,000 | 0.200 | 0.400 |" in table

@@ -20,7 +20,8 @@ from PIL import Image
 
 import dabdetr
 from dabdetr.cli import main
-from dabdetr.engine.train import TrainConfig, Trainer
+from dabdetr.engine.config import TrainConfig
+from dabdetr.engine.trainer import Trainer
 from dabdetr.optimize import CUDAGraphed, optimize_for_inference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -154,7 +155,7 @@ def test_amp_training_on_cuda(data_dir, tmp_path, amp):
     assert first[amp] == pytest.approx(first["none"], rel=0.05)
     assert first[amp] != first["none"]  # autocast did change the arithmetic
     trainer.fit()
-    losses = [h["loss"] for h in map(json.loads, trainer.metrics_path.read_text().splitlines())
+    losses = [h["loss"] for h in map(json.loads, trainer.log.path.read_text().splitlines())
               if h.get("type") == "step" and "loss" in h]
     assert trainer.step == 4 and all(torch.isfinite(torch.tensor(losses)))
     ckpt = torch.load(tmp_path / amp / "last.pt", map_location="cpu", weights_only=True)

@@ -76,7 +76,7 @@ def test_every_convergence_recipe_is_a_valid_training_configuration():
 
     from dabdetr.config import DabDetrConfig
     from dabdetr.demo import DEMO_RECIPE
-    from dabdetr.engine.train import TrainConfig
+    from dabdetr.engine.config import TrainConfig
     from dabdetr.presets import preset_config
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "convergence.py"

@@ -19,7 +19,7 @@ from dabdetr.data.coco import CocoDetection
 from dabdetr.data.formats import FORMATS, detect_format, open_dataset, write_dataset
 from dabdetr.data.synthetic import generate_dataset
 from dabdetr.engine.evaluator import load_coco_gt
-from dabdetr.engine.train import Trainer
+from dabdetr.engine.trainer import Trainer
 
 
 def _sha(path: Path) -> str:

@@ -140,7 +140,8 @@ def test_evaluation_after_training_steps_sees_the_new_weights(overrides):
     """Evaluating between training steps, as the trainer does, must use the current weights
     and batch-norm statistics. Fused AdamW and BatchNorm's running-statistics update change
     tensors without bumping their version counters, so nothing may be cached on those."""
-    from dabdetr.engine.train import TrainConfig, build_optimizer
+    from dabdetr.engine.config import TrainConfig
+    from dabdetr.engine.schedule import build_optimizer
 
     model = perturbed_model(tiny_config(**overrides))
     optimizer = build_optimizer(model, TrainConfig(lr=1e-2, lr_backbone=1e-2))

@@ -11,7 +11,7 @@ from _util import tiny_cfg
 
 from dabdetr.data.synthetic import generate_dataset
 from dabdetr.engine.tracking import open_trackers, parse_trackers
-from dabdetr.engine.train import Trainer
+from dabdetr.engine.trainer import Trainer
 
 PICTURE = np.arange(24 * 32 * 3, dtype=np.uint8).reshape(24, 32, 3)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -19,7 +20,9 @@ from _util import tiny_cfg, tiny_dataset
 import dabdetr
 from dabdetr.cli import main
 from dabdetr.data.check import DataProblems
-from dabdetr.engine.train import TrainConfig, Trainer, TrainingDiverged, train
+from dabdetr.engine.config import TrainConfig
+from dabdetr.engine.train import train
+from dabdetr.engine.trainer import Trainer, TrainingDiverged
 from dabdetr.weights.official import safe_torch_load
 
 TINY = {"num_queries": 10}
@@ -329,7 +332,7 @@ def test_killed_training_leaves_loadable_checkpoint(data_dir, tmp_path):
 
 def test_cli_switches_reach_the_config():
     from dabdetr.cli import build_parser
-    from dabdetr.engine.train import config_from_args
+    from dabdetr.engine.config import config_from_args
 
     args = build_parser().parse_args([
         "train", "--data", "d", "--dn-groups", "3", "--dn-box-noise", "0.3", "--match-repeat",
@@ -338,12 +341,73 @@ def test_cli_switches_reach_the_config():
         "dilation=true"])
     cfg = config_from_args(args)
     assert cfg.model_overrides == {"num_queries": 50, "dilation": True, "dn_groups": 3,
-                                   "dn_label_noise": 0.2, "dn_box_noise": 0.3, "two_stage": True}
+                                   "dn_box_noise": 0.3, "two_stage": True}
     assert cfg.match_repeat == 2 and cfg.no_multi_scale and cfg.recipe().scales == (800,)
     assert (cfg.ema_decay, cfg.accumulate) == (0.99, 2)
     assert (cfg.enc_match_repeat, cfg.lr_drop_time) == (3, 0.8)
     with pytest.raises(ValueError, match="KEY=VALUE"):
         config_from_args(build_parser().parse_args(["train", "--data", "d", "--set", "oops"]))
+    defaults = config_from_args(build_parser().parse_args(["train", "--data", "d"]))
+    assert defaults == TrainConfig(data="d")  # every default is TrainConfig's own
+    assert not config_from_args(build_parser().parse_args(
+        ["train", "--data", "d", "--no-progress"])).progress
+
+
+def _train_parser():
+    import argparse
+
+    from dabdetr.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices["train"]
+
+
+def test_every_train_config_field_has_a_switch_with_help():
+    import dataclasses
+
+    actions = {a.dest: a for a in _train_parser()._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert f.name in actions, f"TrainConfig.{f.name} has no `dabdetr train` switch"
+        assert actions[f.name].option_strings, f.name
+    for action in actions.values():
+        assert action.help and action.help.strip() and action.help != "==SUPPRESS==", action.dest
+    entries: list[list[str]] = []  # [switch, help text] as `dabdetr train --help` prints them
+    for line in _train_parser().format_help().split("options:")[1].splitlines():
+        if line.startswith("  -"):
+            switch, _, text = line.strip().partition("  ")
+            entries.append([switch, text.strip()])
+        elif line.strip():
+            entries[-1][1] += line.strip()
+    assert len(entries) == len(actions)
+    assert all(text for _, text in entries), [switch for switch, text in entries if not text]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--batch-size", "0"], "argument --batch-size: must be > 0, got 0"),
+    (["--accumulate", "-1"], "argument --accumulate: must be > 0, got -1"),
+    (["--eval-every", "0"], "argument --eval-every: must be > 0"),
+    (["--epochs", "0"], "argument --epochs: must be > 0"),
+    (["--time-limit", "-5"], "argument --time-limit: must be > 0"),
+    (["--focal-alpha", "1.5"], "argument --focal-alpha: must be in [0, 1], got 1.5"),
+    (["--dn-label-noise", "2"], "argument --dn-label-noise: must be in [0, 1]"),
+    (["--lr-drop-time", "0"], "argument --lr-drop-time: must be in (0, 1]"),
+    (["--ema-decay", "1"], "argument --ema-decay: must be in [0, 1)"),
+    (["--lr-drop", "10", "-2"], "argument --lr-drop: must be >= 0, got -2"),
+    (["--num-workers", "x"], "argument --num-workers: invalid int value: 'x'"),
+])
+def test_out_of_range_switches_are_refused_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", "d", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_config_refuses_out_of_range_values():
+    with pytest.raises(ValueError, match=r"batch_size=0: must be > 0"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"lr_drop=\[10, -1\]: must be >= 0"):
+        TrainConfig(lr_drop=[10, -1])
 
 
 def test_time_based_lr_drop(data_dir, tmp_path, monkeypatch):
@@ -362,12 +426,40 @@ def test_time_based_lr_drop(data_dir, tmp_path, monkeypatch):
 
     trainer.train_step = step
     trainer.fit()
-    assert trainer.scheduler.lr_lambdas[0].time_dropped
+    assert trainer.scheduler.dropped
     # lr after each step: the drop comes once 300 s of the 600 s limit have passed
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4])
     assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-4, 1e-4])
     ckpt = safe_torch_load(tmp_path / "run" / "last.pt")
-    assert ckpt["scheduler"]["lr_lambdas"][0]["time_dropped"] is True  # survives --resume
+    assert ckpt["scheduler"] == {"step": 4, "dropped": True}  # survives --resume
+    resumed = Trainer(tiny_cfg(data_dir, tmp_path / "run", max_steps=5, time_limit=10.0,
+                               lr_drop_time=0.5), resume=str(tmp_path / "run" / "last.pt"))
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([1e-4, 1e-4])
+
+
+def test_schedule_warms_up_and_drops_by_epoch_and_by_time():
+    """The lr of each group: a linear warm-up from 0.1%, x gamma at each drop step, x gamma
+    once more after a time-based drop; its state round-trips through state_dict."""
+    from dabdetr.engine.schedule import LrSchedule
+
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.AdamW([{"params": params[:1], "lr": 1.0},
+                                   {"params": params[1:], "lr": 0.5}])
+    schedule = LrSchedule(optimizer, warmup_steps=4, drop_steps=[6], gamma=0.1)
+    lrs = []
+    for _ in range(8):
+        lrs.append(optimizer.param_groups[1]["lr"])
+        schedule.step()
+    expected = [0.5 * (0.001 + 0.999 * s / 4) for s in range(4)] + [0.5, 0.5, 0.05, 0.05]
+    assert lrs == pytest.approx(expected)
+    assert schedule.drop() and not schedule.drop()  # once only
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.005])
+    state = schedule.state_dict()
+    again = LrSchedule(optimizer, warmup_steps=4, drop_steps=[6], gamma=0.1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001)  # step 0 of the warm-up
+    again.load_state_dict(state)
+    assert (again.step_count, again.dropped) == (8, True)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.005])
 
 
 def test_bad_recipe_switches_are_refused_clearly(data_dir, tmp_path):
@@ -382,7 +474,7 @@ def test_bad_recipe_switches_are_refused_clearly(data_dir, tmp_path):
 def test_optimizer_is_fused_adamw_with_the_same_update():
     """`build_optimizer` uses torch's fused AdamW on CPU; one step moves every parameter as the
     per-parameter AdamW does (up to float rounding), with the backbone's own learning rate."""
-    from dabdetr.engine.train import build_optimizer
+    from dabdetr.engine.schedule import build_optimizer
 
     torch.manual_seed(0)
     model = dabdetr.DabDetr(dabdetr.DabDetrConfig(
@@ -417,7 +509,7 @@ def test_curves_read_this_runs_steps_and_skip_a_torn_line(tmp_path, caplog):
     cut short by a killed run is skipped with a warning instead of failing the run's end."""
     from PIL import Image
 
-    from dabdetr.engine.train import plot_history, read_log
+    from dabdetr.engine.runlog import plot_history, read_log
 
     log = tmp_path / "metrics.jsonl"
     steps = [{"type": "step", "step": s, "images_seen": 16 * s, "loss": 10.0 / s,
@@ -433,7 +525,7 @@ def test_curves_read_this_runs_steps_and_skip_a_torn_line(tmp_path, caplog):
              + [json.dumps(r) for r in repeated_after_resume]  # logged, then resumed before it
              + [json.dumps(epochs[0]), json.dumps(steps[2]), '{"type": "st'])
     log.write_text("\n".join(lines) + "\n")
-    with caplog.at_level(logging.WARNING, logger="dabdetr.engine.train"):
+    with caplog.at_level(logging.WARNING, logger="dabdetr.engine.runlog"):
         read = read_log(log)
     assert read == steps  # neither the earlier run's records nor the repeated step
     assert "skipped 1 unreadable line" in caplog.text
@@ -447,18 +539,25 @@ def test_curves_read_this_runs_steps_and_skip_a_torn_line(tmp_path, caplog):
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(data_dir, tmp_path):
     """SeededAugmentation seeds the CPU generator per sample: the same sample in the training
-    process and in a loader worker, whatever the global RNG state, and another one next epoch."""
+    process and in a loader worker, whatever the global RNG state, and another one next epoch;
+    loading leaves the global generators as they were."""
     trainer = Trainer(tiny_cfg(data_dir, tmp_path / "run", image_size=48, no_crop=False,
                                no_multi_scale=False))
 
     def samples(workers: int, epoch: int) -> list[torch.Tensor]:
-        trainer.seeded.epoch = epoch
+        trainer.seeded.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(trainer.seeded, batch_size=None, num_workers=workers,
-                                             collate_fn=lambda sample: sample)
+                                             collate_fn=lambda sample: sample,
+                                             generator=torch.Generator())
         return [image for image, _ in loader]
 
     torch.manual_seed(123)
+    random.seed(7)
+    expected_torch, expected_python = torch.rand(3), random.random()
+    torch.manual_seed(123)
+    random.seed(7)
     here = samples(0, epoch=0)
+    assert torch.equal(torch.rand(3), expected_torch) and random.random() == expected_python
     torch.manual_seed(456)
     assert all(torch.equal(a, b) for a, b in zip(here, samples(0, epoch=0), strict=True))
     in_worker = samples(1, epoch=0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from _util import tiny_cfg, tiny_dataset
 
-from dabdetr.engine.train import Trainer
+from dabdetr.engine.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

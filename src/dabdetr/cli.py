@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dabdetr.config import parse_overrides
+
 logger = logging.getLogger("dabdetr")
 
 
@@ -122,20 +124,6 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides a file cannot tell, e.g. dilation=true")
     p.set_defaults(func=cmd_convert)
-
-
-def parse_overrides(items: Sequence[str]) -> dict:
-    """KEY=VALUE strings -> dict; values parsed as JSON when possible (true, 3, 0.5)."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not KEY=VALUE")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

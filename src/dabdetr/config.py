@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,3 +160,17 @@ class DabDetrConfig:
         if self.class_to_category is None:
             return class_index
         return self.class_to_category[class_index]
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE strings -> dict; values parsed as JSON when possible (true, 3, 0.5)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

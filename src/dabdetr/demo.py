@@ -14,14 +14,14 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # The fast-convergence recipe (each entry is a `dabdetr train` switch; the measurements behind
-# every choice are in benchmarks/RESULTS.md, produced by benchmarks/convergence.py).
+# every choice are summarized in benchmarks/README.md; benchmarks/convergence.py reruns them).
 DEMO_RECIPE: dict[str, Any] = {
     "model": "cpu-small",  # ResNet-18 cut after layer2, trainable BatchNorm, hidden 128, 2+3
     # layers, 20 queries from query selection (two_stage)
     "model_overrides": {},
     "batch_size": 8,  # twice the steps of batch 16 per image: on a 2-core AMD EPYC, four
     # seeds ended at AP50 0.514-0.600 (mean 0.555), against 0.458-0.556 (mean 0.524, one seed
-    # under 0.5) with batch 16 (benchmarks/RESULTS.md, session 19)
+    # under 0.5) with batch 16 (2-core AMD EPYC, 2026-11-27)
     "lr": 1e-3,  # 10x the published lr, for everything (backbone trained from scratch)
     "lr_backbone": 1e-3,
     "warmup_steps": 100,
@@ -30,7 +30,7 @@ DEMO_RECIPE: dict[str, Any] = {
     "no_multi_scale": True,  # train at the 128 px the images have (multi-scale shrinks objects)
     "no_crop": True,
     "cls_loss_coef": 8.0,  # focal-loss weight 8 instead of the published 1: AP ~0.23 after
-    # 8,000 images against 0.13-0.18 with weight 2 (benchmarks/RESULTS.md, session 16); the
+    # 8,000 images against 0.13-0.18 with weight 2 (2-core AMD EPYC, 2026-11-27); the
     # matching cost of the class stays 2
     "lr_drop_time": 0.8,  # lr x 0.1 for the last fifth of the training time
 }
@@ -45,9 +45,9 @@ def loader_workers(device_type: str, cpus: int | None = None) -> int:
     process) when it trains on a CPU with two cores or fewer. There a worker process takes
     cores from the training threads, which then wait for each other at parallel steps. On a
     2-core AMD EPYC, demo steps (30-60 a run, alternating) ran 0.97x-1.11x as fast without the
-    worker, median 1.05x, in six pairs under the `dabdetr` command's OMP_WAIT_POLICY=PASSIVE,
-    and 0.92x-1.20x, median 1.09x, in ten pairs under OpenMP's default (benchmarks/RESULTS.md,
-    session 17). Hosts with more cores keep the worker (not measured)."""
+    worker, median 1.05x, in six pairs with OMP_WAIT_POLICY=PASSIVE, and 0.92x-1.20x, median
+    1.09x, in ten pairs under OpenMP's default (2-core AMD EPYC, 2026-11-27). Hosts with more
+    cores keep the worker (not measured)."""
     from dabdetr.data.synthetic import available_cpus
 
     cpus = available_cpus() if cpus is None else cpus
@@ -94,7 +94,8 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
     `generate_dataset` says)."""
     from dabdetr.data.synthetic import dataset_matches, generate_dataset
     from dabdetr.distributed import resolve_device
-    from dabdetr.engine.train import TrainConfig, Trainer
+    from dabdetr.engine.config import TrainConfig
+    from dabdetr.engine.trainer import Trainer
 
     started = time.time()
     out = Path(out)
@@ -127,11 +128,9 @@ def run_demo(out: str | os.PathLike = "demo_out", minutes: float = 10.0,
                       num_workers=loader_workers(resolve_device(device).type),
                       progress=progress, eval_batch_size=16, **recipe)
     trainer = Trainer(cfg, resume=str(last) if resuming else None, device=device)
-    cfg.time_limit = max(budget_minutes(), 0.05)  # again, now that set-up is done
-    if resuming:
-        # a resumed demo gets a fresh time budget on top of the time already trained
-        cfg.time_limit += trainer.train_seconds / 60
-    summary = trainer.fit()
+    # the budget again, now that set-up is done; a resumed demo gets a fresh one on top of the
+    # time already trained
+    summary = trainer.fit(time_limit=max(budget_minutes(), 0.05) + trainer.train_seconds / 60)
     if backbone_weights:
         started_from = f"torchvision backbone weights {backbone_weights}, then trained live"
     elif resuming:
@@ -153,7 +152,8 @@ def finish_demo(trainer, out: Path, started: float, summary: dict[str, Any],
     curves = out / "train" / "curves.png"
     if curves.exists():
         shutil.copyfile(curves, out / "curves.png")
-    save_model(model, out / "model", extra={"train_config": trainer.cfg.to_dict()})
+    save_model(model, out / "model", extra={"train_config": {**trainer.cfg.to_dict(),
+                                                      "time_limit": trainer.time_limit}})
     last = trainer.history[-1] if trainer.history else {}
     result = {
         "AP": last.get("AP"), "AP50": last.get("AP50"), "AP75": last.get("AP75"),

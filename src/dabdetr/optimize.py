@@ -282,7 +282,7 @@ def add_cli_argument(parser: argparse.ArgumentParser) -> None:
              "transformer (CPU only; not exact); bf16: fused with bfloat16 convolutions and the "
              "transformer under bfloat16 autocast (CUDA, or a CPU with AVX512-BF16/AMX; not "
              "exact); cudagraph: fused, replayed as one CUDA graph per input size (GPU; for "
-             "inputs of one size). Deviations and AP effects: benchmarks/RESULTS.md")
+             "inputs of one size). Deviations and AP effects: benchmarks/README.md")
 
 
 def optimized(model: DabDetr, mode: str) -> nn.Module:

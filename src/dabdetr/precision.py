@@ -5,9 +5,8 @@ convolutions and matrix products run in the reduced precision (their outputs sta
 operation with a float32 operand promotes them), while the model keeps its anchors, boxes and
 outputs in float32, so the matcher and the loss work in float32. bfloat16 runs on CUDA and on
 CPUs. On a CPU it is fast only with native bfloat16 instructions (AVX512-BF16, or AMX tiles on
-Intel Xeon 4th generation and later): on a 2-core Xeon with AMX, DAB-DETR-R50 inference ran 2-3x
-and a training step ~1.6x faster than in float32 (benchmarks/RESULTS.md). Elsewhere the CPU
-emulates it, slower than float32, and a warning says so. float16 is CUDA only.
+Intel Xeon 4th generation and later). Elsewhere the CPU emulates it, slower than float32, and a
+warning says so. float16 is CUDA only.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dab-detr-r50-dc5-3pat": {"dilation": True, "num_patterns": 3},
     "dab-detr-r50-dc5-fixxy": {"dilation": True, "random_refpoints_xy": True},
     "dab-detr-r101": {"backbone": "resnet101"},
-    # small models for CPU training from scratch (see benchmarks/RESULTS.md)
+    # small models for CPU training from scratch (the demo's recipe: benchmarks/README.md)
     # ResNet-18 cut after layer2 (stride 8: small objects in small images keep their own cells),
     # trainable BatchNorm, query selection from the encoder (two_stage).
     "cpu-small": {

@@ -57,12 +57,14 @@ def run_evaluation(model: DabDetr, dataset: CocoDetection, evaluator: CocoEvalua
 
     Post-processing keeps the top `num_select` (query, class) pairs per image with boxes in
     original-image pixels, as the authors' evaluation. Returns the evaluator's metrics on
-    every process.
+    every process. Draws nothing from the global random generators: the loader (which seeds
+    its workers) has a generator of its own, so evaluating in the middle of a training run
+    leaves the run's dropout and denoising draws as they were.
     """
     sampler = EpochSampler(len(dataset), shuffle=False, rank=dist.get_rank(),
                            world_size=dist.get_world_size())
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                        num_workers=num_workers)
+                        num_workers=num_workers, generator=torch.Generator().manual_seed(0))
     was_training = model.training
     model.eval()
     evaluator.reset()
@@ -117,7 +119,7 @@ def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: in
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="COCO box AP of weights on a COCO-format dataset",
+    p = sub.add_parser("evaluate", help="COCO box AP of weights on a COCO, YOLO or VOC dataset",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", required=True, help="any source load_model accepts")
     p.add_argument("--data", default=None,
