@@ -69,3 +69,14 @@ def tiny_cfg(data_dir: Path, out: Path, **kw) -> TrainConfig:
                   eval_every=1000, progress=False, seed=3)
     values.update(kw)
     return TrainConfig(**values)
+
+
+def tiny_deformable_config(**overrides):
+    """A small random-init DAB-Deformable-DETR config for fast tests."""
+    from dabdetr.config import DabDeformableDetrConfig
+
+    values = dict(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2,
+                  dim_feedforward=64, num_queries=6, num_classes=5, num_feature_levels=4,
+                  enc_n_points=2, dec_n_points=2)
+    values.update(overrides)
+    return DabDeformableDetrConfig(**values)

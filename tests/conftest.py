@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,17 @@ def golden_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+DEFORM_GOLDEN = SHARED / "golden" / "deform_r50_small"
+
+
+@pytest.fixture(scope="session")
+def deform_golden_dir() -> Path:
+    """The DAB-Deformable-DETR golden vectors; on CI (CI=true) their absence is a failure."""
+    if not (DEFORM_GOLDEN / "checkpoint.pth").is_file():
+        message = f"golden vectors not found at {DEFORM_GOLDEN} (shared/ must sit next to the repo)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return DEFORM_GOLDEN

@@ -313,7 +313,7 @@ def test_explain_runs_the_eager_forward_of_a_cuda_graphed_model(monkeypatch):
     from PIL import Image
 
     from dabdetr import optimize
-    from dabdetr.cli import explain_image
+    from dabdetr.explain import explain_image
     from dabdetr.inference import Predictor
 
     monkeypatch.setattr(optimize, "_check_cuda", lambda model: None)

@@ -181,8 +181,8 @@ def test_cli_threshold_filters(tmp_path: Path, weights: Path) -> None:
     # exactly the high-scoring part of the unfiltered results
     expected = [r for r in everything if r["score"] >= threshold]
     assert len(kept) == pytest.approx(len(expected), abs=2)  # ties at 5-digit rounding
-    # a threshold above every score keeps images but no boxes
-    assert _predict_cli([src], tmp_path / "none", weights, "--threshold", "1.01") == 0
+    # threshold 1 (the top of the range, above every sigmoid score) keeps images but no boxes
+    assert _predict_cli([src], tmp_path / "none", weights, "--threshold", "1") == 0
     results, images = _read_outputs(tmp_path / "none")
     assert results == [] and len(images) == 2
 
@@ -352,7 +352,9 @@ def test_predict_api_pil_modes_match_files(tmp_path: Path, model: dabdetr.DabDet
 def test_predict_api_errors(tmp_path: Path, model: dabdetr.DabDetr) -> None:
     with pytest.raises(ValueError, match="model or a weights"):
         dabdetr.predict([_noise((32, 32))])
-    with pytest.raises(FileNotFoundError):
+    from dabdetr.errors import BadImageError
+
+    with pytest.raises(BadImageError, match="missing.png.*no such file"):
         dabdetr.predict([tmp_path / "missing.png"], model=model, size=64, max_size=96)
 
 
@@ -384,6 +386,7 @@ def test_output_folder_inside_input_is_not_reread(tmp_path):
     args = ["predict", str(photos), "--weights", str(tmp_path / "w"), "--out",
             str(photos / "preds"), "--size", "64", "--device", "cpu"]
     assert main(args) == 0
-    assert main(args) == 0  # the second run must not detect on the first run's drawings
+    # the second run (replacing the first) must not detect on the first run's drawings
+    assert main([*args, "--force"]) == 0
     images = json.loads((photos / "preds" / "images.json").read_text())
     assert [Path(i["file_name"]).name for i in images] == ["a.png"]

@@ -231,7 +231,11 @@ def test_run_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_run_cli_reports_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = _parser().parse_args(["--out", str(tmp_path / "x"), "--train", "-3", "--no-progress"])
+    with pytest.raises(SystemExit) as exit_:  # refused when parsed
+        _parser().parse_args(["--out", str(tmp_path / "x"), "--train", "-3"])
+    assert exit_.value.code == 2 and "--train" in capsys.readouterr().err
+    args = _parser().parse_args(["--out", str(tmp_path / "x"), "--no-progress"])
+    args.train = -3  # and by run_cli, for a namespace made another way
     assert run_cli(args) == 2
     assert "num_train" in capsys.readouterr().err
 
@@ -246,7 +250,11 @@ def test_cli_requires_out_and_known_difficulty() -> None:
 def test_run_cli_rejects_a_worker_count_below_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = _parser().parse_args(["--out", str(tmp_path / "x"), "--workers", "0", "--no-progress"])
+    with pytest.raises(SystemExit):  # refused when parsed
+        _parser().parse_args(["--out", str(tmp_path / "x"), "--workers", "0"])
+    assert "--workers" in capsys.readouterr().err
+    args = _parser().parse_args(["--out", str(tmp_path / "x"), "--no-progress"])
+    args.workers = 0
     assert run_cli(args) == 2
     assert "workers must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -1,7 +1,8 @@
 """dabdetr: DAB-DETR object detection in PyTorch.
 
 Public API (imports are lazy so `import dabdetr` stays light):
-    load_model, save_model, export_huggingface, DabDetr, DabDetrConfig, DetectionOutput,
+    load_model, save_model, export_huggingface, DabDetr, DabDetrConfig, DabDeformableDetr,
+    DabDeformableDetrConfig, DetectionOutput,
     batch_images, postprocess, predict, HungarianMatcher, SetCriterion
 """
 
@@ -15,6 +16,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DabDetr": "dabdetr.models.dab_detr",
     "DabDetrConfig": "dabdetr.config",
+    "DabDeformableDetr": "dabdetr.models.dab_deformable_detr",
+    "DabDeformableDetrConfig": "dabdetr.config",
     "DetectionOutput": "dabdetr.models.outputs",
     "batch_images": "dabdetr.data.batching",
     "postprocess": "dabdetr.postprocessing",

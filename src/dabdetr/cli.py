@@ -3,117 +3,140 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from dabdetr.argtypes import non_negative_int, positive_int, probability
 from dabdetr.config import parse_overrides
+from dabdetr.errors import UserError
 
 logger = logging.getLogger("dabdetr")
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="detect objects in images; writes COCO results + drawings",
+    p = sub.add_parser("predict", help="detect objects in images and videos (JSONL, COCO results, drawings)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="image files and/or directories (searched recursively)")
+    p.add_argument("inputs", nargs="+",
+                   help="image or video files and/or directories (searched recursively)")
     p.add_argument("--weights", required=True,
                    help="our model dir, a Hugging Face dir or hub id, or an authors' .pth")
-    p.add_argument("--threshold", type=float, default=0.5, help="minimum score to keep a box")
+    p.add_argument("--threshold", type=probability, default=0.5,
+                   help="minimum score to keep a box, in [0, 1]")
     p.add_argument("--out", default="predictions", help="output directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace the results of a previous run in --out")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--size", type=int, default=800, help="resize the short side to this")
-    p.add_argument("--max-size", type=int, default=1333, help="cap on the long side")
-    p.add_argument("--num-select", type=int, default=300, help="top-k before the threshold")
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="resize the short side to this (default: the size the model was trained "
+                   "and evaluated at, stored with it; 800 for published weights)")
+    p.add_argument("--max-size", type=non_negative_int, default=None,
+                   help="cap on the long side, 0 for none (default: the model's, scaled with "
+                   "--size)")
+    p.add_argument("--num-select", type=positive_int, default=300, help="top-k before the threshold")
     p.add_argument("--no-draw", action="store_true", help="do not write images with boxes drawn")
-    p.add_argument("--explain", type=int, default=0, metavar="K",
-                   help="also draw the decoder cross-attention of the K best detections' queries")
+    p.add_argument("--explain", type=non_negative_int, default=0, metavar="K",
+                   help="also draw the positional attention maps and anchors of the K best "
+                   "queries at every decoder layer (as `dabdetr explain`)")
+    p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
+                   help="onnxruntime: --weights is an ONNX file from `dabdetr export` (CPU)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images of similar size per batch")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="decoding processes (0: none)")
+    p.add_argument("--resume", action="store_true",
+                   help="append to OUT/predictions.jsonl, skipping the inputs it already has")
+    p.add_argument("--video-out", action="store_true",
+                   help="write each input video with its detections drawn to OUT/videos/")
     from dabdetr.optimize import add_cli_argument
 
     add_cli_argument(p)
     p.set_defaults(func=cmd_predict)
 
 
+PREDICT_OUTPUTS = ("predictions.jsonl", "detections.json", "images.json", "failed.json", "images",
+                   "videos")
+
+
+def check_predict_inputs(inputs: Sequence[str]) -> None:
+    """UserError when no input path exists at all (mistyped paths): nothing is run or written."""
+    if not any(Path(p).exists() for p in inputs):
+        shown = ", ".join(inputs[:5]) + (" ..." if len(inputs) > 5 else "")
+        raise UserError(f"no such file or folder: {shown}; check the image paths")
+
+
+def check_predict_out(out: Path, force: bool, resume: bool = False) -> None:
+    """OutputExistsError when --out holds a previous run's results and neither `force` nor
+    `resume` (which goes on with that run) is set."""
+    from dabdetr.errors import OutputExistsError
+
+    previous = [name for name in PREDICT_OUTPUTS if (out / name).exists()]
+    if previous and not (force or resume):
+        raise OutputExistsError(
+            f"{out} holds the results of a previous run ({', '.join(previous)}); pass --resume "
+            "to go on with it, --force to replace it, or choose another --out")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    from dabdetr.explain import explain_image
+    from dabdetr.inference import IMAGE_SUFFIXES, Predictor, find_images
+    from dabdetr.streaming import VIDEO_SUFFIXES, predict_to_folder
 
-    from dabdetr.inference import Predictor, find_images, predict_files
-    from dabdetr.visualize import draw_detections
-    from dabdetr.weights.loading import load_model
-
-    out_dir = Path(args.out).resolve()
+    check_predict_inputs(args.inputs)
+    out = Path(args.out)
+    check_predict_out(out, args.force, args.resume)
+    out_dir = out.resolve()
     # never feed our own drawings back in when --out sits inside an input folder
-    files = [f for f in find_images(args.inputs) if out_dir not in f.resolve().parents]
+    files = [str(f) for f in find_images(args.inputs, IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+             if out_dir not in f.resolve().parents]
     if not files:
-        print(f"dabdetr predict: error: no images found in {args.inputs}", file=sys.stderr)
-        return 2
-    from dabdetr.distributed import resolve_device
-
-    device = str(resolve_device(args.device))
-    from dabdetr.optimize import optimized
-
-    model = optimized(load_model(args.weights, device=device), args.optimize)
+        raise UserError(f"no images found in {args.inputs} (nor videos); give image or "
+                        "video files or folders holding them")
+    model, device = _predict_model(args)
     predictor = Predictor(model, size=args.size, max_size=args.max_size,
                           num_select=args.num_select, threshold=args.threshold, device=device)
-    out = Path(args.out)
-    vis_dir = out / "images"
-    vis_dir.mkdir(parents=True, exist_ok=True)
-    used_names: set[str] = set()
 
-    def save_drawing(det, img) -> None:
-        if args.no_draw:
-            return
-        name = Path(det.source).stem
-        while name in used_names:  # same file name in two folders
-            name += "_"
-        used_names.add(name)
-        draw_detections(img, det.boxes, det.labels.tolist(), det.names, det.scores).save(
-            vis_dir / f"{name}.jpg", quality=92)
-        if args.explain > 0:
-            explain_image(model, predictor, img, args.explain).save(
-                vis_dir / f"{name}_attention.jpg", quality=92)
+    def explain(det, img, stem: str) -> None:
+        _save_jpeg(explain_image(model, predictor, img, args.explain), Path(f"{stem}_attention.jpg"))
 
-    report = predict_files(files, predictor, on_result=save_drawing)
-    results, images = [], []
-    for image_id, det in enumerate(report.detections, start=1):
-        results.extend(det.to_coco(image_id))
-        images.append({"id": image_id, "file_name": det.source, "height": det.image_size[0],
-                       "width": det.image_size[1]})
-    (out / "detections.json").write_text(json.dumps(results))
-    (out / "images.json").write_text(json.dumps(images, indent=1))
-    if report.failed:
-        (out / "failed.json").write_text(json.dumps(
-            [{"file": f, "error": e} for f, e in report.failed], indent=1))
-    print(f"{len(report.detections)} images, {len(results)} detections >= {args.threshold} "
-          f"-> {out / 'detections.json'}" + ("" if args.no_draw else f", drawings in {vis_dir}"))
-    if report.failed:
-        print(f"{len(report.failed)} image(s) could not be read and were skipped "
+    summary = predict_to_folder(
+        files, predictor, out, resume=args.resume, batch_size=args.batch_size,
+        workers=args.workers, draw=not args.no_draw, video_out=args.video_out,
+        extra_drawing=explain if args.explain > 0 else None)
+    print(f"{summary.predicted} images predicted, {summary.images} in {out / 'images.json'}, "
+          f"{summary.detections} detections >= {args.threshold} at short side {predictor.size} "
+          f"-> {out / 'detections.json'} (stream: {summary.jsonl})"
+          + ("" if args.no_draw else f", drawings in {out / 'images'}"))
+    if summary.failed:
+        print(f"{summary.failed} image(s) could not be read and were skipped "
               f"(see {out / 'failed.json'})", file=sys.stderr)
         return 1
     return 0
 
 
-def explain_image(model, predictor, img, top_k: int):
-    """A grid: for each of the top-k (query, class) pairs, the query's cross-attention map."""
-    import torch
+def _predict_model(args: argparse.Namespace):
+    """(model, device) of `dabdetr predict`: the PyTorch model (optimized as asked) or an
+    ONNX Runtime session of an exported file."""
+    if args.backend == "onnxruntime":
+        if args.optimize != "none" or args.explain > 0 or args.device not in (None, "cpu"):
+            raise UserError("--backend onnxruntime runs the exported graph on the CPU: drop "
+                            "--optimize, --explain and --device (they need the PyTorch model)")
+        from dabdetr.runtime import OnnxDetector
 
-    from dabdetr.data.batching import batch_images
-    from dabdetr.postprocessing import postprocess
-    from dabdetr.visualize import draw_attention, image_grid, query_attention
+        return OnnxDetector(args.weights), "cpu"
+    from dabdetr.distributed import resolve_device
+    from dabdetr.optimize import optimized
+    from dabdetr.weights.loading import load_model
 
-    tensor = predictor.transform(img).to(predictor.device)
-    images, mask = batch_images([tensor])
-    outputs, maps = query_attention(model, images, mask)
-    scores = outputs.pred_logits[0].sigmoid()
-    num_classes = scores.shape[-1]
-    best = torch.topk(scores.flatten(), min(top_k, scores.numel())).indices
-    res = postprocess(outputs, [(img.height, img.width)], num_select=len(best))[0]
-    tiles = []
-    for i, flat in enumerate(best.tolist()):
-        query = flat // num_classes
-        caption = f"q{query} {model.config.label_name(flat % num_classes)} {float(res['scores'][i]):.2f}"
-        tiles.append(draw_attention(img, maps[0, query], res["boxes"][i], caption))
-    return image_grid(tiles, columns=min(4, len(tiles)))
+    device = str(resolve_device(args.device))
+    return optimized(load_model(args.weights, device=device), args.optimize), device
+
+
+def _save_jpeg(image, path: Path) -> None:
+    from dabdetr.io_utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="JPEG", quality=92)
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -123,13 +146,17 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=["ours", "hf"], default="ours", help="output format")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides a file cannot tell, e.g. dilation=true")
+    p.add_argument("--force", action="store_true", help="replace a model already in dst")
     p.set_defaults(func=cmd_convert)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from dabdetr.weights.loading import export_huggingface, load_model_with_report, save_model
+    from dabdetr.io_utils import check_writable_target
+    from dabdetr.weights.loading import export_huggingface, load_model, save_model
 
-    model, report = load_model_with_report(args.src, strict=True, **parse_overrides(args.set))
+    check_writable_target(args.dst, args.force, "not empty (it may hold a model)")
+    model, report = load_model(args.src, strict=True, return_report=True,
+                               **parse_overrides(args.set))
     print("key report:", report.format())
     if args.to == "hf":
         export_huggingface(model, args.dst)
@@ -148,21 +175,40 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="generate the synthetic COCO-format shapes dataset",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     synthetic.add_cli_arguments(p)
-    p.set_defaults(func=synthetic.run_cli)
+    p.add_argument("--force", action="store_true",
+                   help="write into a --out folder that is not empty (files there are replaced)")
+    p.set_defaults(func=cmd_synth)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from dabdetr.data import synthetic
+    from dabdetr.io_utils import check_writable_target
+
+    size = args.image_size
+    if not args.force and synthetic.dataset_matches(args.out, args.train, args.val, args.seed,
+                                                    args.difficulty, size):
+        print(f"{args.out} already holds this dataset; nothing written")
+        return 0
+    check_writable_target(args.out, args.force, "not empty")
+    return synthetic.run_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dabdetr", description="DAB-DETR object detection")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback of an internal error")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_predict, _add_convert, _add_synth):
         add(sub)
-    from dabdetr import demo
+    from dabdetr import demo, explain, export_cli
     from dabdetr.data import commands as data_commands
     from dabdetr.engine import evaluate, train
 
-    for module in (data_commands, train, evaluate, demo):
+    for module in (data_commands, train, evaluate, demo, explain, export_cli):
         module.add_cli(sub)
+    for command in sub.choices.values():  # also accepted after the command: dabdetr predict -v
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logging, and the traceback of an internal error")
     return parser
 
 
@@ -172,8 +218,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        code = args.func(args)
-    except (ValueError, OSError) as err:
-        print(f"dabdetr {args.command}: error: {err}", file=sys.stderr)
-        code = 2
-    return code
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"\ndabdetr {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the one error boundary: no traceback for a user's mistake
+        return report_error(args.command, err, args.verbose)
+
+
+def report_error(command: str, err: Exception, verbose: bool) -> int:
+    """Print `err` for a user and return the exit status: 2 for a mistake the user can fix
+    (UserError, ValueError, a file or folder that cannot be read or written), 1 for an
+    internal error (its traceback only when `verbose`)."""
+    from dabdetr.io_utils import os_error
+
+    if isinstance(err, OSError) and not isinstance(err, UserError):
+        err = os_error(err)
+    if isinstance(err, ValueError):
+        if verbose:
+            traceback.print_exception(err)
+        print(f"dabdetr {command}: error: {err}", file=sys.stderr)
+        return 2
+    if verbose:
+        traceback.print_exception(err)
+    print(f"dabdetr {command}: internal error: {type(err).__name__}: {err}\n"
+          f"(a bug in dabdetr; run with --verbose for the traceback and please report it)",
+          file=sys.stderr)
+    return 1

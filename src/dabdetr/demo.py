@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dabdetr.argtypes import non_negative_int, positive_float, positive_int
+from dabdetr.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # The fast-convergence recipe (each entry is a `dabdetr train` switch; the measurements behind
@@ -54,8 +57,8 @@ def loader_workers(device_type: str, cpus: int | None = None) -> int:
     return 0 if device_type == "cpu" and cpus <= 2 else 1
 
 
-class DemoError(ValueError):
-    pass
+class DemoError(UserError):
+    """A demo argument or --out folder the user must change."""
 
 
 def _check_out_dir(out: Path, resume: bool, force: bool) -> None:
@@ -212,18 +215,18 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        "and draw, in minutes on a CPU",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="demo_out", help="output directory")
-    p.add_argument("--minutes", type=float, default=10.0,
+    p.add_argument("--minutes", type=positive_float, default=10.0,
                    help="total time budget, data generation and evaluation included")
     p.add_argument("--preset", default=None, help=f"model preset (default {DEMO_RECIPE['model']})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--backbone-weights", default=None,
                    help="torchvision ResNet-18 state dict (ImageNet weights converge much faster)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--force", action="store_true", help="replace a previous run in --out")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--train-images", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--val-images", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--train-images", type=positive_int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--val-images", type=positive_int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--max-steps", type=positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
+from dabdetr.config import resolve_eval_resize
 from dabdetr.data.batching import batch_images
 from dabdetr.data.io import load_image_rgb, to_rgb
-from dabdetr.data.transforms import OFFICIAL_EVAL_SIZE, OFFICIAL_MAX_SIZE, make_eval_transforms
+from dabdetr.data.transforms import make_eval_transforms
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.postprocessing import postprocess
 
@@ -53,50 +54,65 @@ class Detections:
         return out
 
 
-@dataclass
-class PredictReport:
-    detections: list[Detections] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
-
-
-def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand directories (recursively, sorted) into image files; files are kept as given."""
+def find_images(paths: Iterable[str | os.PathLike],
+                suffixes: Collection[str] = frozenset(IMAGE_SUFFIXES)) -> list[Path]:
+    """Expand directories (recursively, sorted) into the files whose suffix (lower case) is in
+    `suffixes` (images by default); files are kept as given."""
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in suffixes))
         else:
             found.append(p)  # missing files are reported when read, not dropped silently
     return found
 
 
 class Predictor:
-    """Wraps a model with the evaluation preprocessing and post-processing."""
+    """Wraps a model with the evaluation preprocessing and post-processing.
 
-    def __init__(self, model: DabDetr, size: int = OFFICIAL_EVAL_SIZE,
-                 max_size: int | None = OFFICIAL_MAX_SIZE, num_select: int = 300,
-                 threshold: float = 0.5, device: str | torch.device | None = None):
-        self.device = torch.device(device) if device else next(model.parameters()).device
-        self.model = model.to(self.device).eval()
-        self.transform = make_eval_transforms(size, max_size)
+    `model` is a DabDetr (or an `optimize`d one) on `device`, or any callable with the same
+    forward contract and a `config`, such as `dabdetr.runtime.OnnxDetector` (which runs on the
+    CPU). The resize is the model's own (`config.eval_size`/`eval_max_size`: what it was trained
+    and evaluated with) unless `size`/`max_size` are given; see `resolve_eval_resize`.
+    """
+
+    def __init__(self, model: DabDetr | Callable, size: int | None = None,
+                 max_size: int | None = None, num_select: int = 300, threshold: float = 0.5,
+                 device: str | torch.device | None = None):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold {threshold} is outside [0, 1]; scores are in [0, 1]")
+        if isinstance(model, nn.Module):
+            self.device = torch.device(device) if device else next(model.parameters()).device
+            self.model = model.to(self.device).eval()
+        else:
+            self.device = torch.device("cpu")
+            self.model = model
+        self.config = model.config
+        self.size, self.max_size = resolve_eval_resize(model.config, size, max_size)
+        self.transform = make_eval_transforms(self.size, self.max_size)
         self.num_select = num_select
         self.threshold = threshold
 
-    @torch.inference_mode()
     def __call__(self, images: Sequence[Image.Image]) -> list[Detections]:
-        tensors = [self.transform(img) for img in images]
+        """Detections of RGB PIL images, one Detections per image."""
+        return self.detect([self.transform(img) for img in images],
+                           [(img.height, img.width) for img in images])
+
+    @torch.inference_mode()
+    def detect(self, tensors: Sequence[Tensor], sizes: Sequence[tuple[int, int]]) -> list[Detections]:
+        """Detections of images already transformed by `self.transform` ([3, h, w] float each;
+        batched with padding) whose original (height, width) are `sizes`."""
         batch, mask = batch_images([t.to(self.device) for t in tensors])
         outputs = self.model(batch, mask)
-        sizes = [(img.height, img.width) for img in images]
         results = postprocess(outputs, sizes, self.num_select, self.threshold)
-        cfg = self.model.config
+        cfg = self.config
         out = []
         for res, size in zip(results, sizes, strict=True):
             labels = res["labels"].cpu()
             out.append(Detections(
                 boxes=res["boxes"].cpu(), scores=res["scores"].cpu(), labels=labels,
                 category_ids=[cfg.category_id(int(i)) for i in labels],
-                names=[cfg.label_name(int(i)) for i in labels], image_size=size))
+                names=[cfg.label_name(int(i)) for i in labels], image_size=tuple(size)))
         return out
 
 
@@ -126,24 +142,3 @@ def predict(images: Sequence[str | os.PathLike | Image.Image] | str | os.PathLik
         det.source = "" if isinstance(item, Image.Image) else str(item)
         results.append(det)
     return results
-
-
-def predict_files(files: Sequence[Path], predictor: Predictor, progress: bool = True,
-                  on_result=None) -> PredictReport:
-    """Run `predictor` over files, skipping (and reporting) those that cannot be read."""
-    from tqdm import tqdm
-
-    report = PredictReport()
-    for path in tqdm(files, desc="predict", unit="img", disable=not progress):
-        try:
-            img = load_image_rgb(path)
-        except Exception as err:  # PIL raises many types for bad files; each is reported
-            logger.warning("skipping %s: cannot read image (%s)", path, err)
-            report.failed.append((str(path), f"{type(err).__name__}: {err}"))
-            continue
-        det = predictor([img])[0]
-        det.source = str(path)
-        report.detections.append(det)
-        if on_result is not None:
-            on_result(det, img)
-    return report

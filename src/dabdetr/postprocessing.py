@@ -10,6 +10,17 @@ from torch import Tensor
 from dabdetr.models.box_ops import cxcywh_to_xyxy
 from dabdetr.models.outputs import DetectionOutput
 
+# The authors' evaluation keeps the top 300 (query, class) pairs for DAB-DETR; their
+# DAB-Deformable-DETR PostProcess hard-codes 100.
+DEFAULT_NUM_SELECT = {"dab-detr": 300, "dab-deformable-detr": 100}
+
+
+def default_num_select(config: object) -> int:
+    """The authors' top-k for a model config's family (300 DAB-DETR, 100 deformable)."""
+    from dabdetr.model_types import model_type_of
+
+    return DEFAULT_NUM_SELECT[model_type_of(config)]
+
 
 @torch.no_grad()
 def postprocess(
@@ -35,10 +46,31 @@ def postprocess(
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     else:
         logits, boxes = outputs.pred_logits, outputs.pred_boxes
-    batch, num_queries, num_classes = logits.shape
+    batch = logits.shape[0]
     sizes = torch.as_tensor(target_sizes, dtype=torch.float32, device=logits.device)
     if sizes.shape != (batch, 2):
         raise ValueError(f"target_sizes must be [B={batch}, 2] (height, width), got {tuple(sizes.shape)}")
+    scores, labels, xyxy = top_detections(logits, boxes, sizes, num_select)
+    results = []
+    for s, lab, b in zip(scores, labels, xyxy, strict=True):
+        keep = s >= threshold if threshold > 0 else slice(None)
+        results.append({"scores": s[keep], "labels": lab[keep], "boxes": b[keep]})
+    return results
+
+
+def top_detections(logits: Tensor, boxes: Tensor, target_sizes: Tensor, num_select: int = 300
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The batched core of `postprocess` (no threshold), tensors in and out, exportable.
+
+    Args:
+        logits: [B, N, C] class logits; boxes: [B, N, 4] normalized cxcywh.
+        target_sizes: [B, 2] (height, width) of each original image, any real or integer dtype.
+        num_select: k of the top-k over all N * C (query, class) scores (capped at N * C).
+    Returns:
+        scores [B, K] float32 (sigmoid, descending), labels [B, K] int64 class indices,
+        boxes [B, K, 4] float32 absolute xyxy in the original images' pixels.
+    """
+    batch, num_queries, num_classes = logits.shape
     k = min(num_select, num_queries * num_classes)
     prob = logits.float().sigmoid()
     scores, index = torch.topk(prob.view(batch, -1), k, dim=1)
@@ -46,11 +78,6 @@ def postprocess(
     labels = index % num_classes
     xyxy = cxcywh_to_xyxy(boxes.float())
     xyxy = torch.gather(xyxy, 1, query.unsqueeze(-1).expand(-1, -1, 4))
-    height, width = sizes.unbind(1)
+    height, width = target_sizes.to(torch.float32).unbind(1)
     scale = torch.stack([width, height, width, height], dim=1)  # (B, 4)
-    xyxy = xyxy * scale[:, None, :]
-    results = []
-    for s, lab, b in zip(scores, labels, xyxy, strict=True):
-        keep = s >= threshold if threshold > 0 else slice(None)
-        results.append({"scores": s[keep], "labels": lab[keep], "boxes": b[keep]})
-    return results
+    return scores, labels, xyxy * scale[:, None, :]

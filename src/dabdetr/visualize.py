@@ -60,46 +60,23 @@ def to_uint8_image(normalized: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
     return ((normalized * s + m).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
-@torch.no_grad()
 def query_attention(model, images: Tensor, mask: Tensor | None = None, layer: int = -1):
-    """What each query looks at: the decoder cross-attention of one layer.
+    """What each query looks at: the model's cross-attention of one decoder layer, averaged
+    over heads (`dabdetr.explain.attention_maps` gives every layer, per head, split into its
+    positional and content parts).
 
     Args:
-        model: a DabDetr in eval mode (or one wrapped by `dabdetr.optimize`, whose wrapped
-            model then runs eagerly: hooks do not fire in a CUDA graph replay).
-            images: [B, 3, H, W]; mask: [B, H, W] bool or None.
+        model: a DabDetr in eval mode (or one wrapped by `dabdetr.optimize`).
+        images: [B, 3, H, W]; mask: [B, H, W] bool or None.
         layer: decoder layer index (default: the last).
     Returns:
-        (outputs, maps): the model's DetectionOutput and maps [B, N, h, w] float, the softmax
-        attention weights of every query over the feature cells (h, w), averaged over heads;
-        each map sums to 1 over the image's valid cells.
+        (outputs, maps): the model's DetectionOutput and maps [B, N, h, w] float; each map
+        sums to 1 over the image's valid cells.
     """
-    from dabdetr.optimize import InferenceWrapper
+    from dabdetr.explain import attention_maps
 
-    while isinstance(model, InferenceWrapper):
-        model = model.model
-    captured: dict = {}
-
-    def on_attention(module, args, output):
-        q, k, _, attn_mask = args  # (B, nh, N, e), (B, nh, S, e), ..., (B, 1, 1, S) or None
-        logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-        if attn_mask is not None:
-            logits = logits.masked_fill(~attn_mask, float("-inf"))
-        captured["attn"] = logits.softmax(-1).mean(1)  # (B, N, S)
-
-    def on_backbone(module, args, output):
-        captured["hw"] = tuple(output[0].shape[-2:])
-
-    hooks = [model.transformer.decoder.layers[layer].cross_attn.register_forward_hook(on_attention),
-             model.backbone.register_forward_hook(on_backbone)]
-    try:
-        outputs = model(images, mask)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    attn = captured["attn"]
-    h, w = captured["hw"]
-    return outputs, attn.view(attn.shape[0], attn.shape[1], h, w)
+    result = attention_maps(model, images, mask)
+    return result.outputs, result.layers[layer].full.mean(2)
 
 
 def draw_attention(image: Image.Image, attention: Tensor, box: Tensor | None = None,

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from dabdetr.errors import BadDataError
+
 from .categories import CategoryMap, is_int
 from .formats.base import DatasetReader, DatasetSplit, Problem, read_image_size
 
@@ -51,7 +53,7 @@ OUTSIDE_TOLERANCE = 1.0
 _SHOWN_PROBLEMS = 20
 
 
-class DataProblems(ValueError):
+class DataProblems(BadDataError):
     """A dataset has problems (the message is the report); rerun with --skip-bad to leave the
     bad entries out."""
 

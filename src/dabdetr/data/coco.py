@@ -32,6 +32,8 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms.v2 import functional as F
 
+from dabdetr.errors import BadDataError
+
 from .batching import batch_images
 from .categories import LAYOUTS, CategoryMap, Layout, is_int
 from .io import load_image_rgb
@@ -80,7 +82,7 @@ def _show_ids(ids: Sequence[Any]) -> str:
 
 
 class _Problems:
-    """Collects validation errors so one ValueError can report several at once."""
+    """Collects validation errors so one BadDataError can report several at once."""
 
     def __init__(self, ann_file: Path) -> None:
         self.ann_file = ann_file
@@ -95,23 +97,23 @@ class _Problems:
         shown = self.messages[:_MAX_REPORTED]
         more = len(self.messages) - len(shown)
         lines = "\n  ".join(shown) + (f"\n  ... and {more} more problems" if more else "")
-        raise ValueError(f"{self.ann_file}: invalid COCO annotation file:\n  {lines}")
+        raise BadDataError(f"{self.ann_file}: invalid COCO annotation file:\n  {lines}")
 
 
 def read_coco_json(ann_file: Path) -> dict[str, Any]:
     if not ann_file.is_file():
-        raise ValueError(f"{ann_file}: annotation file does not exist (or is not a file)")
+        raise BadDataError(f"{ann_file}: annotation file does not exist (or is not a file)")
     if ann_file.stat().st_size == 0:
-        raise ValueError(f"{ann_file}: annotation file is empty (0 bytes)")
+        raise BadDataError(f"{ann_file}: annotation file is empty (0 bytes)")
     try:
         with open(ann_file, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{ann_file}: not valid JSON ({err})") from err
+        raise BadDataError(f"{ann_file}: not valid JSON ({err})") from err
     except UnicodeDecodeError as err:
-        raise ValueError(f"{ann_file}: not a UTF-8 JSON text file ({err})") from err
+        raise BadDataError(f"{ann_file}: not a UTF-8 JSON text file ({err})") from err
     if not isinstance(data, dict):
-        raise ValueError(
+        raise BadDataError(
             f"{ann_file}: expected a JSON object with 'images', 'annotations' and "
             f"'categories', got a JSON {type(data).__name__}"
         )
@@ -214,8 +216,8 @@ class CocoDetection(Dataset):
     which reads the annotation file itself. Images with no annotations are kept (negatives).
 
     Raises:
-        ValueError: at construction, if the annotation file is missing or malformed, or
-            ``images_dir`` does not exist.
+        BadDataError (a ValueError): at construction, if the annotation file is missing or
+            malformed, or ``images_dir`` does not exist.
     """
 
     def __init__(
@@ -234,7 +236,7 @@ class CocoDetection(Dataset):
             transforms if transforms is not None else to_normalized_tensor()
         )
         if not self.images_dir.is_dir():
-            raise ValueError(f"images folder {self.images_dir} does not exist (for {ann_file})")
+            raise BadDataError(f"images folder {self.images_dir} does not exist (for {ann_file})")
         if layout is not None and layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if category_map is not None and layout is not None and layout != category_map.layout:

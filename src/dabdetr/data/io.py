@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from dabdetr.errors import BadImageError
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +28,32 @@ def load_image_rgb(path: str | os.PathLike[str], exif_transpose: bool = True) ->
         A loaded (file closed) PIL image in mode "RGB"; see `to_rgb` for the mode conversions.
 
     Raises:
-        OSError (including PIL.UnidentifiedImageError) or another PIL error if the file is
-        missing, truncated or not an image. Callers that must not crash catch it.
+        BadImageError (a UserError and an OSError) naming the file if it is missing, truncated,
+        not an image, or larger than PIL's decompression-bomb limit. An image above PIL's
+        warning size (half the limit) is read, with a logged warning naming it.
     """
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            rgb = _read_rgb(path, exif_transpose)
+    except Image.DecompressionBombError as err:
+        raise BadImageError(f"{path}: {err}; not read (it could exhaust memory). Raise "
+                            "PIL.Image.MAX_IMAGE_PIXELS if the image is trusted") from None
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: no such file; check the path") from None
+    except Exception as err:  # PIL and its plugins raise many types for a broken file
+        raise BadImageError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+    for warning in caught:
+        if issubclass(warning.category, Image.DecompressionBombWarning):
+            logger.warning("%s is very large (%d x %d pixels); reading it takes much memory",
+                           path, rgb.width, rgb.height)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                   warning.lineno)
+    return rgb
+
+
+def _read_rgb(path: str | os.PathLike[str], exif_transpose: bool) -> Image.Image:
     with Image.open(path) as opened:
         opened.load()
         img = opened

@@ -49,6 +49,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from dabdetr.argtypes import non_negative_int, positive_int
+
 __all__ = [
     "CLASS_NAMES",
     "DIFFICULTIES",
@@ -714,15 +716,18 @@ def dataset_matches(
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``dabdetr synth`` options to ``parser``."""
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--train", type=int, default=2000, metavar="N", help="train images")
-    parser.add_argument("--val", type=int, default=200, metavar="M", help="val images")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (>= 0)")
+    parser.add_argument("--train", type=non_negative_int, default=2000, metavar="N",
+                        help="train images")
+    parser.add_argument("--val", type=non_negative_int, default=200, metavar="M", help="val images")
+    parser.add_argument("--seed", type=non_negative_int, default=0, metavar="S",
+                        help="random seed (>= 0)")
     parser.add_argument("--difficulty", choices=DIFFICULTIES, default="standard")
     parser.add_argument(
-        "--image-size", type=int, default=256, metavar="PX", help="square image side in pixels"
+        "--image-size", type=positive_int, default=256, metavar="PX",
+        help="square image side in pixels"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
+    parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
                         help="processes rendering images (default: the CPUs available, at "
                              "most 8; the files are the same for any number)")
 

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dabdetr import distributed as dist
-from dabdetr.config import DabDetrConfig
+from dabdetr.argtypes import non_negative_int, positive_int
+from dabdetr.config import DabDetrConfig, resolve_eval_resize
 from dabdetr.data.categories import CategoryMap
 from dabdetr.data.check import load_checked
 from dabdetr.data.coco import CocoDetection, collate
@@ -21,6 +22,7 @@ from dabdetr.data.formats import FORMAT_CHOICES, open_dataset
 from dabdetr.data.transforms import make_eval_transforms
 from dabdetr.engine.evaluator import CocoEvaluator, format_table, load_coco_gt
 from dabdetr.engine.sampling import EpochSampler
+from dabdetr.io_utils import atomic_write, check_writable_target
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.postprocessing import postprocess
 
@@ -83,12 +85,14 @@ def run_evaluation(model: DabDetr, dataset: CocoDetection, evaluator: CocoEvalua
 
 
 def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: int = 1,
-                     device: str | None = None, eval_size: int = 800, max_size: int = 1333,
+                     device: str | None = None, eval_size: int | None = None,
+                     max_size: int | None = None,
                      num_select: int = 300, num_workers: int = 2, out: str | None = None,
                      progress: bool = True, optimize: str = "none", format: str = "auto",
                      ann_json: str | None = None, images: str | None = None,
                      skip_bad: bool = False) -> dict[str, Any]:
     """Load weights, evaluate on `data`/`split`, optionally write results JSON + metrics.
+    eval_size/max_size: the resize; None takes the model's own (`resolve_eval_resize`).
     optimize: one of `dabdetr.optimize.OPTIMIZE_CHOICES` (see `dabdetr.optimize.optimized`).
     format: "auto", "coco", "yolo" or "voc" (`dabdetr.data.formats`); ann_json / images: COCO
     annotation file of `split` and the folder its file names are relative to; skip_bad: leave
@@ -101,9 +105,10 @@ def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: in
     reader = open_dataset(data, format, {split: ann_json}, images)
     checked = load_checked(reader, split, skip_bad)
     categories = category_map_of(model.config)
-    dataset = CocoDetection(checked.image_root, checked.coco,
-                            make_eval_transforms(eval_size, max_size), category_map=categories,
-                            source=checked.source)
+    size, cap = resolve_eval_resize(model.config, eval_size, max_size)
+    logger.info("evaluating at short side %d, long side at most %s", size, cap)
+    dataset = CocoDetection(checked.image_root, checked.coco, make_eval_transforms(size, cap),
+                            category_map=categories, source=checked.source)
     if dataset.category_map.num_classes != model.config.num_classes:
         raise ValueError(f"the model predicts {model.config.num_classes} classes but the dataset "
                          f"maps to {dataset.category_map.num_classes}")
@@ -112,9 +117,8 @@ def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: in
                              num_select, progress)
     if out and dist.is_main_process():
         out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
         evaluator.save_results(out_dir / "detections.json")
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -133,13 +137,18 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="COCO: the folder the json's file_name entries are relative to")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave out entries with problems instead of stopping")
-    p.add_argument("--batch-size", type=int, default=1, help="per process")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="per process")
     p.add_argument("--device", default=None)
-    p.add_argument("--eval-size", type=int, default=800, help="short side")
-    p.add_argument("--max-size", type=int, default=1333, help="long side cap")
-    p.add_argument("--num-select", type=int, default=300, help="top-k detections per image")
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--eval-size", "--size", type=positive_int, default=None,
+                   help="short side (default: the size the model was trained and evaluated at, "
+                   "stored with it; 800 for published weights)")
+    p.add_argument("--max-size", type=non_negative_int, default=None,
+                   help="long side cap, 0 for none (default: the model's, scaled with --size)")
+    p.add_argument("--num-select", type=positive_int, default=300,
+                   help="top-k detections per image")
+    p.add_argument("--num-workers", type=non_negative_int, default=2)
     p.add_argument("--out", default=None, help="write detections.json and metrics.json here")
+    p.add_argument("--force", action="store_true", help="replace the results in --out")
     from dabdetr.optimize import add_cli_argument
 
     add_cli_argument(p)
@@ -147,6 +156,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.out:
+        for name in ("detections.json", "metrics.json"):
+            check_writable_target(Path(args.out) / name, args.force)
     metrics = evaluate_weights(args.weights, args.data, args.split, args.batch_size,
                                args.device, args.eval_size, args.max_size, args.num_select,
                                args.num_workers, args.out, optimize=args.optimize,

@@ -36,6 +36,7 @@ from dabdetr.engine.runlog import RunLog, plot_history, read_log
 from dabdetr.engine.sampling import EpochSampler, SeededAugmentation
 from dabdetr.engine.schedule import LrSchedule, build_optimizer
 from dabdetr.engine.tracking import Trackers, open_trackers, parse_trackers
+from dabdetr.model_types import build_model, model_type_of
 from dabdetr.models.criterion import SetCriterion
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.models.matcher import HungarianMatcher
@@ -104,7 +105,10 @@ class Trainer:
 
         model_cfg = preset_config(cfg.model, **cfg.model_overrides)
         model_cfg = config_with_categories(model_cfg, self.categories)
-        self.model = DabDetr(model_cfg).to(self.device)
+        # the eval resize travels with the weights (checkpoints, saved models): predict/evaluate
+        model_cfg = model_cfg.replace(eval_size=recipe.eval_size,
+                                      eval_max_size=recipe.eval_max_size)
+        self.model = build_model(model_cfg).to(self.device)
         if cfg.backbone_weights:
             load_backbone_weights(self.model, cfg.backbone_weights)
         if cfg.weights and not resume:
@@ -210,6 +214,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = {
             "model": self.model.state_dict(), "config": self.model.config.to_dict(),
+            "model_type": model_type_of(self.model.config),
             "train_config": self.cfg.to_dict(), "categories": self.categories.to_json(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,

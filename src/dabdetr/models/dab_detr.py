@@ -17,23 +17,25 @@ from dabdetr.models.transformer import MLP, Transformer
 
 
 class AnchorQueries(nn.Module):
-    """The learned anchor boxes, [Q, 4] (x, y, w, h) in logit space, as `weight`.
+    """The learned anchors, [Q, dims] in logit space, as `weight`: boxes (x, y, w, h) for
+    dims=4 ("dab"), points (x, y) for dims=2 ("anchor2d").
 
     With `random_refpoints_xy` ("fixxy") x and y start uniform in (0, 1). Upstream meant to
     freeze them but its freeze was a no-op; here `freeze_xy=True` really freezes them: x, y are
     a buffer, so neither gradients nor weight decay move them, while w, h stay trainable.
-    The state dict always shows one `weight` [Q, 4], so checkpoints are interchangeable.
+    The state dict always shows one `weight` [Q, dims], so checkpoints are interchangeable.
     """
 
-    def __init__(self, num_queries: int, random_xy: bool, freeze_xy: bool, eps: float = 1e-3):
+    def __init__(self, num_queries: int, random_xy: bool, freeze_xy: bool, eps: float = 1e-3,
+                 dims: int = 4):
         super().__init__()
-        weight = torch.randn(num_queries, 4)  # nn.Embedding's N(0, 1) init
+        weight = torch.randn(num_queries, dims)  # nn.Embedding's N(0, 1) init
         if random_xy:
             weight[:, :2] = inverse_sigmoid(torch.rand(num_queries, 2), eps)
         self.frozen_xy = random_xy and freeze_xy
         if self.frozen_xy:
             self.register_buffer("xy", weight[:, :2].clone())
-            self.wh = nn.Parameter(weight[:, 2:].clone())
+            self.wh = nn.Parameter(weight[:, 2:].clone()) if dims == 4 else None
         else:
             self.full = nn.Parameter(weight)
         self.register_state_dict_post_hook(_anchor_state_dict_hook)
@@ -41,15 +43,17 @@ class AnchorQueries(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        if self.frozen_xy:
-            return torch.cat([self.xy, self.wh], dim=1)
-        return self.full
+        if not self.frozen_xy:
+            return self.full
+        if self.wh is None:
+            return self.xy
+        return torch.cat([self.xy, self.wh], dim=1)
 
 
 def _anchor_state_dict_hook(module: AnchorQueries, state_dict: dict, prefix: str, local_metadata):
     if module.frozen_xy:
         xy = state_dict.pop(prefix + "xy")
-        wh = state_dict.pop(prefix + "wh")
+        wh = state_dict.pop(prefix + "wh", xy[:, :0])
         state_dict[prefix + "weight"] = torch.cat([xy, wh], dim=1)
     else:
         state_dict[prefix + "weight"] = state_dict.pop(prefix + "full")
@@ -60,9 +64,10 @@ def _anchor_load_hook(module: AnchorQueries, state_dict: dict, prefix: str, *arg
     if key not in state_dict:
         return
     weight = state_dict.pop(key)
-    if module.frozen_xy and weight.dim() == 2 and weight.shape[-1] == 4:
+    if module.frozen_xy and weight.dim() == 2 and weight.shape[-1] in (2, 4):
         state_dict[prefix + "xy"] = weight[:, :2]
-        state_dict[prefix + "wh"] = weight[:, 2:]
+        if weight.shape[-1] == 4:
+            state_dict[prefix + "wh"] = weight[:, 2:]
     else:
         state_dict[prefix + "full"] = weight
 
@@ -157,6 +162,10 @@ class DabDetr(nn.Module):
     so an image's result depends slightly on its batch mates); config.pad_invariant=True gives
     every image exactly its single-image result.
 
+    config.query_type picks the decoder's positional queries: learned 4-D anchor boxes
+    ("dab", the default), learned 2-D points ("anchor2d"), or learned d-dim vectors without
+    anchors ("detr"); `dabdetr.models.transformer.Decoder` says how each enters the attention.
+
     Under torch.autocast, outputs, anchors and boxes stay float32.
     """
 
@@ -183,13 +192,19 @@ class DabDetr(nn.Module):
             d, config.nheads, config.enc_layers, config.dec_layers, config.dim_feedforward,
             config.dropout, config.activation, config.pre_norm, config.num_patterns,
             config.query_scale_type, config.modulate_hw_attn, config.keep_query_pos,
-            config.query_pe_temperature, config.inverse_sigmoid_eps,
+            config.query_pe_temperature, config.inverse_sigmoid_eps, config.query_type,
         )
         # learned anchors (replaced by the selected encoder proposals with query selection)
-        self.refpoint_embed = None if config.two_stage else AnchorQueries(
-            config.num_queries, config.random_refpoints_xy, config.freeze_refpoints_xy,
-            config.inverse_sigmoid_eps,
-        )
+        self.refpoint_embed = None
+        if not config.two_stage and config.query_type != "detr":
+            self.refpoint_embed = AnchorQueries(
+                config.num_queries, config.random_refpoints_xy, config.freeze_refpoints_xy,
+                config.inverse_sigmoid_eps, dims=4 if config.query_type == "dab" else 2,
+            )
+        # DETR's learned positional queries (N(0, 1), nn.Embedding's init, as DETR)
+        self.query_embed = None
+        if config.query_type == "detr":
+            self.query_embed = nn.Embedding(config.num_queries, d)
         self.class_embed = nn.Linear(d, config.num_classes)
         if config.bbox_embed_diff_each_layer:
             self.bbox_embed: nn.Module = nn.ModuleList(
@@ -204,9 +219,13 @@ class DabDetr(nn.Module):
         self.reset_head_parameters()
 
     def reset_head_parameters(self) -> None:
-        """Upstream init of the heads: class bias for a 1% prior, last box layer zero."""
+        """Upstream init of the heads: class bias for a 1% prior, last box layer zero (the
+        first boxes are the anchors). A "detr" model has no anchor to start from: its box head
+        keeps nn.Linear's init, as DETR's."""
         prior_prob = 0.01
         nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        if self.config.query_type == "detr":
+            return
         heads = self.bbox_embed if isinstance(self.bbox_embed, nn.ModuleList) else [self.bbox_embed]
         for head in heads:
             nn.init.zeros_(head.layers[-1].weight)
@@ -250,12 +269,14 @@ class DabDetr(nn.Module):
         memory = self.transformer.encode(src, pos, feat_mask)
         enc_outputs = None
         if self.query_selection is not None:
-            enc_outputs, anchors = self.query_selection(memory, feat_mask, height, width)
+            enc_outputs, queries = self.query_selection(memory, feat_mask, height, width)
+        elif self.query_embed is not None:
+            queries = self.query_embed.weight
         else:
-            anchors = self.refpoint_embed.weight
+            queries = self.refpoint_embed.weight
         extra = None if dn is None else (dn.content, dn.anchors)
         hs, references = self.transformer.decode(
-            memory, pos, feat_mask, anchors, bbox_embed, extra_queries=extra,
+            memory, pos, feat_mask, queries, bbox_embed, extra_queries=extra,
             self_attn_mask=None if dn is None else dn.attn_mask,
         )
         if dn is None:
@@ -268,20 +289,23 @@ class DabDetr(nn.Module):
         out.enc_outputs = enc_outputs
         return out
 
-    def heads(self, hs: Tensor, references: Tensor) -> DetectionOutput:
+    def heads(self, hs: Tensor, references: Tensor | None) -> DetectionOutput:
         """Class and box heads on every decoder layer.
 
         hs: [L, B, N, d] normed decoder outputs; references: [L, B, N, 4] (or [1, B, N, 4]
-        without iterative refinement) normalized cxcywh anchors. Boxes are
-        sigmoid(bbox_embed(hs_l) + inverse_sigmoid(ref_l)).
+        without iterative refinement) normalized cxcywh anchors, or None ("detr"). Boxes are
+        sigmoid(bbox_embed(hs_l) + inverse_sigmoid(ref_l)), or sigmoid(bbox_embed(hs_l)).
         """
         logits = box_precision(self.class_embed(hs))  # (L, B, N, C); float32 under autocast
-        inv_ref = inverse_sigmoid(references, self.config.inverse_sigmoid_eps)
         if isinstance(self.bbox_embed, nn.ModuleList):
             deltas = torch.stack([head(h) for head, h in zip(self.bbox_embed, hs, strict=True)])
         else:
             deltas = self.bbox_embed(hs)
-        boxes = (deltas + inv_ref).sigmoid()  # (L, B, N, 4) normalized cxcywh
+        if references is None:  # "detr": no anchors
+            boxes = box_precision(deltas).sigmoid()
+        else:
+            inv_ref = inverse_sigmoid(references, self.config.inverse_sigmoid_eps)
+            boxes = (deltas + inv_ref).sigmoid()  # (L, B, N, 4) normalized cxcywh
         aux = []
         if self.config.aux_loss:
             aux = [DetectionOutput(logits[i], boxes[i]) for i in range(hs.shape[0] - 1)]

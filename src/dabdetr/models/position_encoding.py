@@ -92,3 +92,41 @@ def anchor_sine_embedding(boxes: Tensor, hidden_dim: int, temperature: float = 1
     elif boxes.shape[-1] != 2:
         raise ValueError(f"anchor boxes must have 2 or 4 coordinates, got {boxes.shape[-1]}")
     return torch.cat(parts, dim=-1)
+
+
+class PositionEmbeddingSineCentered(nn.Module):
+    """2-D sine embedding at cell centres (Deformable DETR's variant, used by DAB-Deformable-DETR).
+
+    forward(mask [B, h, w] bool True on padding) -> pos [B, hidden_dim, h, w] float32,
+    channels [pos_y (hidden_dim/2), pos_x (hidden_dim/2)]. Coordinates are
+    (cumsum(valid) - 0.5) / (last cumsum + 1e-6) * 2*pi: the -0.5 puts each cell at its centre,
+    unlike `PositionEmbeddingSineHW`. One temperature (10000) for both axes.
+    """
+
+    def __init__(self, hidden_dim: int, temperature: float = 10000.0):
+        super().__init__()
+        self.num_feats = hidden_dim // 2
+        self.temperature = temperature
+        self.scale = 2 * math.pi
+
+    def forward(self, mask: Tensor) -> Tensor:
+        not_mask = (~mask).to(torch.float32)
+        y_embed = not_mask.cumsum(1)
+        x_embed = not_mask.cumsum(2)
+        eps = 1e-6
+        # fully padded rows/columns get a huge argument here; they are masked everywhere
+        y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
+        x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+        pos_y = _sine(y_embed, self.num_feats, self.temperature)
+        pos_x = _sine(x_embed, self.num_feats, self.temperature)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+def proposal_sine_embedding(boxes: Tensor, num_feats: int = 128,
+                            temperature: float = 10000.0) -> Tensor:
+    """Sine embedding of two-stage proposals (Deformable DETR's `get_proposal_pos_embed`).
+
+    boxes: [..., 4] normalized (cx, cy, w, h) in [0, 1]. Returns [..., 4 * num_feats] in the
+    order (x, y, w, h), unlike `anchor_sine_embedding`'s (y, x, w, h).
+    """
+    return _sine(boxes * (2 * math.pi), num_feats, temperature).flatten(-2)

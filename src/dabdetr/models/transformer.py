@@ -233,13 +233,32 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The anchor-box decoder.
+    """The decoder; what a query's positional part is depends on `query_type`.
 
-    Each layer embeds its current anchors (sine + `ref_point_head` MLP) into positional queries,
-    rescales the (x, y) sine embedding by `query_scale(output)` and by the anchor's width/height
-    (modulated attention), runs the layer, then refines the anchors with the box head in logit
-    space. The box head is owned by the detector and passed in (it is shared with the output
-    head), so it is not duplicated here.
+    Every layer gets two positional inputs per query: `query_pos` [B, Nq, d] (self-attention,
+    and added to the cross-attention content in layer 0) and `query_sine` [B, Nq, d], which
+    `ca_qpos_sine_proj` turns into the positional half of each cross-attention head, matched
+    against the image position embedding. So in every query type the cross-attention logits are
+    a content term plus a positional term (`dabdetr.explain` draws them apart).
+
+    - "dab" (DAB-DETR): the query is an anchor box A = (x, y, w, h). sine = PE(A) [2d];
+      query_pos = ref_point_head(sine); query_sine = the (x, y) half of sine, times
+      query_scale(output) after layer 0, with the x part times w_ref/w and the y part times
+      h_ref/h when modulate_hw_attn is on.
+    - "anchor2d" (Conditional / Anchor DETR): the query is a point (x, y). sine = PE(x, y) [d];
+      query_pos = ref_point_head(sine); query_sine = sine times query_scale(output) after
+      layer 0. There is no w, h to modulate by. Boxes are predicted around the point from a
+      neutral size: the reference carries w = h = 0.5 (logit 0), so the box head's w, h are
+      sigmoid(delta_wh), as Conditional DETR adds its reference only to the x, y logits.
+    - "detr": the query is a learned vector p [d] (DETR's query_pos), no anchor. query_pos = p;
+      query_sine = p, times query_scale(output) after layer 0: the learned vector takes the
+      place of the anchor's sine embedding, so the positional term is
+      ca_qpos_sine_proj(p) . ca_kpos_proj(pos) and the only difference from the anchor types is
+      the positional prior. No ref_point_head; boxes are sigmoid(bbox_embed(hs)).
+
+    With refinement (a box head passed in, `iter_update`), each layer's box prediction becomes
+    the next layer's anchor (anchor2d keeps only its x, y). The box head is owned by the
+    detector and passed in (it is shared with the output head), so it is not duplicated here.
     """
 
     def __init__(
@@ -255,6 +274,7 @@ class Decoder(nn.Module):
         keep_query_pos: bool,
         query_pe_temperature: float,
         inverse_sigmoid_eps: float,
+        query_type: str = "dab",
     ):
         super().__init__()
         self.d_model = d_model
@@ -272,25 +292,78 @@ class Decoder(nn.Module):
             self.query_scale = MLP(d_model, d_model, 1, 2)
         else:  # fix_elewise: one learned vector per layer
             self.query_scale = nn.Embedding(num_layers, d_model)
-        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.query_type = query_type
+        # the sine of (x, y, w, h) is 2d wide, that of (x, y) d wide; detr has no sine
+        sine_width = {"dab": 2 * d_model, "anchor2d": d_model}.get(query_type)
+        self.ref_point_head = None if sine_width is None else MLP(sine_width, d_model, d_model, 2)
+        if modulate_hw_attn and query_type != "dab":
+            raise ValueError(f"modulate_hw_attn needs anchor widths and heights; query_type="
+                             f"{query_type!r} has none: set modulate_hw_attn=False")
         self.ref_anchor_head = MLP(d_model, d_model, 2, 2) if modulate_hw_attn else None
         self.query_pe_temperature = query_pe_temperature
         self.inverse_sigmoid_eps = inverse_sigmoid_eps
 
+    def initial_anchors(self, queries: Tensor) -> Tensor | None:
+        """[B, Nq, 4] normalized cxcywh anchors from the queries (None for "detr"); a 2-D
+        point gets w = h = 0.5 (logit 0)."""
+        if self.query_type == "detr":
+            return None
+        logits = box_precision(queries)
+        if self.query_type == "anchor2d":
+            logits = torch.cat([logits, logits.new_zeros(*logits.shape[:-1], 2)], dim=-1)
+        return logits.sigmoid()
+
+    def _as_anchor(self, boxes: Tensor) -> Tensor:
+        """A predicted box as the next layer's anchor: anchor2d keeps only its x, y."""
+        if self.query_type != "anchor2d":
+            return boxes
+        return torch.cat([boxes[..., :2], torch.full_like(boxes[..., 2:], 0.5)], dim=-1)
+
+    def positional_queries(self, layer_id: int, output: Tensor, reference: Tensor | None,
+                           learned: Tensor) -> tuple[Tensor, Tensor]:
+        """(query_pos, query_sine), each [B, Nq, d], of layer `layer_id` (see the class
+        docstring). output: [B, Nq, d] the content entering the layer; reference: [B, Nq, 4]
+        normalized cxcywh anchors (None for "detr"); learned: [B, Nq, d] the "detr" queries."""
+        d = self.d_model
+        if reference is None:
+            query_pos = sine = learned
+        else:
+            coords = reference if self.query_type == "dab" else reference[..., :2]
+            sine = anchor_sine_embedding(coords, d, self.query_pe_temperature)  # (B, Nq, 2d|d)
+            query_pos = self.ref_point_head(sine)
+        if self.query_scale_type == "fix_elewise":
+            query_sine = sine[..., :d] * self.query_scale.weight[layer_id]
+        elif layer_id == 0:
+            query_sine = sine[..., :d]
+        else:
+            query_sine = sine[..., :d] * self.query_scale(output)
+        if self.ref_anchor_head is not None:
+            # modulated attention: scale the y half by h_ref/h and the x half by w_ref/w
+            ref_hw = self.ref_anchor_head(output).sigmoid()  # (B, Nq, 2) = (w_ref, h_ref)
+            scale_y = (ref_hw[..., 1] / reference[..., 3]).unsqueeze(-1)
+            scale_x = (ref_hw[..., 0] / reference[..., 2]).unsqueeze(-1)
+            half = d // 2
+            query_sine = torch.cat(
+                [query_sine[..., :half] * scale_y, query_sine[..., half:] * scale_x], dim=-1
+            )
+        return query_pos, query_sine
+
     def forward(
         self,
         tgt: Tensor,
-        refpoints_unsigmoid: Tensor,
+        queries: Tensor,
         memory: Tensor,
         pos: Tensor,
         memory_mask: Tensor | None,
         bbox_embed: nn.Module | None,
         self_attn_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor | None]:
         """
         Args:
             tgt: [B, Nq, d] initial content queries (zeros or pattern embeddings).
-            refpoints_unsigmoid: [B, Nq, 4] anchors in logit space.
+            queries: the positional queries: [B, Nq, 4] anchors in logit space ("dab"),
+                [B, Nq, 2] points in logit space ("anchor2d") or [B, Nq, d] learned vectors
+                ("detr").
             memory, pos: [B, S, d] encoder output and image position embedding.
             memory_mask: [B, 1, 1, S] bool, True where attention is allowed.
             bbox_embed: the box head (an MLP, or a ModuleList with one per layer), or None to
@@ -299,43 +372,29 @@ class Decoder(nn.Module):
         Returns:
             hs: [L, B, Nq, d] LayerNorm'ed output of every layer.
             references: [L, B, Nq, 4] normalized cxcywh anchors each layer's output refines
-                (only [1, B, Nq, 4] without refinement). Not detached after layer 0, as upstream.
+                (only [1, B, Nq, 4] without refinement). Not detached after layer 0, as
+                upstream. None for "detr" (no anchors).
         """
-        d = self.d_model
-        reference = box_precision(refpoints_unsigmoid).sigmoid()
+        reference = self.initial_anchors(queries)
         references = [reference]
         hs = []
         output = tgt
         num_layers = len(self.layers)
         for layer_id, layer in enumerate(self.layers):
-            sine = anchor_sine_embedding(reference, d, self.query_pe_temperature)  # (B, Nq, 2d)
-            query_pos = self.ref_point_head(sine)
-            if self.query_scale_type == "fix_elewise":
-                query_sine = sine[..., :d] * self.query_scale.weight[layer_id]
-            elif layer_id == 0:
-                query_sine = sine[..., :d]
-            else:
-                query_sine = sine[..., :d] * self.query_scale(output)
-            if self.ref_anchor_head is not None:
-                # modulated attention: scale the y half by h_ref/h and the x half by w_ref/w
-                ref_hw = self.ref_anchor_head(output).sigmoid()  # (B, Nq, 2) = (w_ref, h_ref)
-                scale_y = (ref_hw[..., 1] / reference[..., 3]).unsqueeze(-1)
-                scale_x = (ref_hw[..., 0] / reference[..., 2]).unsqueeze(-1)
-                half = d // 2
-                query_sine = torch.cat(
-                    [query_sine[..., :half] * scale_y, query_sine[..., half:] * scale_x], dim=-1
-                )
+            query_pos, query_sine = self.positional_queries(layer_id, output, reference, queries)
             output = layer(output, memory, pos, query_pos, query_sine, memory_mask,
                            self_attn_mask, is_first=(layer_id == 0))
-            if bbox_embed is not None:
+            if reference is not None and bbox_embed is not None:
                 head = bbox_embed[layer_id] if isinstance(bbox_embed, nn.ModuleList) else bbox_embed
                 delta = head(output)  # on the un-normed output, as upstream
                 inv_ref = inverse_sigmoid(reference, self.inverse_sigmoid_eps)
-                new_reference = (delta + inv_ref).sigmoid()
+                new_reference = self._as_anchor((delta + inv_ref).sigmoid())
                 if layer_id != num_layers - 1:
                     references.append(new_reference)
                 reference = new_reference.detach()
             hs.append(self.norm(output))
+        if references[0] is None:
+            return torch.stack(hs), None
         return torch.stack(hs), torch.stack(references)
 
 
@@ -345,14 +404,15 @@ class Transformer(nn.Module):
     def __init__(self, d_model: int, nheads: int, enc_layers: int, dec_layers: int, dim_ff: int,
                  dropout: float, activation: str, pre_norm: bool, num_patterns: int,
                  query_scale_type: str, modulate_hw_attn: bool, keep_query_pos: bool,
-                 query_pe_temperature: float, inverse_sigmoid_eps: float):
+                 query_pe_temperature: float, inverse_sigmoid_eps: float,
+                 query_type: str = "dab"):
         super().__init__()
         self.d_model = d_model
         enc_layer = EncoderLayer(d_model, nheads, dim_ff, dropout, activation)
         self.encoder = Encoder(enc_layer, enc_layers, d_model, final_norm=pre_norm)
         self.decoder = Decoder(d_model, nheads, dim_ff, dropout, activation, dec_layers,
                                query_scale_type, modulate_hw_attn, keep_query_pos,
-                               query_pe_temperature, inverse_sigmoid_eps)
+                               query_pe_temperature, inverse_sigmoid_eps, query_type)
         self.num_patterns = num_patterns
         self.patterns = nn.Embedding(num_patterns, d_model) if num_patterns > 0 else None
         # upstream: xavier_uniform on every transformer weight with more than one dimension
@@ -364,35 +424,35 @@ class Transformer(nn.Module):
         """Encoder output [B, S, d] (mask: [B, S] bool, True on padding)."""
         return self.encoder(src, pos, (~mask)[:, None, None, :])
 
-    def decode(self, memory: Tensor, pos: Tensor, mask: Tensor, refpoints_unsigmoid: Tensor,
+    def decode(self, memory: Tensor, pos: Tensor, mask: Tensor, queries: Tensor,
                bbox_embed: nn.Module | None, extra_queries: tuple[Tensor, Tensor] | None = None,
-               self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The decoder on encoder output `memory`.
 
         Args:
             memory: [B, S, d] encoder output; pos: [B, S, d]; mask: [B, S] bool, True on padding.
-            refpoints_unsigmoid: [Nq, 4] learned anchors (logit space), shared by the batch, or
-                [B, Nq, 4] per image (query selection).
+            queries: [Nq, k] learned positional queries, shared by the batch, or [B, Nq, k] per
+                image (query selection): anchors in logit space (k = 4, "dab"; k = 2,
+                "anchor2d") or learned vectors (k = d, "detr").
             bbox_embed: the box head, for iterative anchor refinement (None: anchors static).
             extra_queries: optional (content [B, Nd, d], anchors [B, Nd, 4] logit space) put in
                 front of the matching queries (denoising queries, training only).
             self_attn_mask: [Nd + Nq', Nq' + Nd] bool (True = attend) for the decoder.
-        Returns: (hs [L, B, N, d], references [L, B, N, 4]) as Decoder.forward.
+        Returns: (hs [L, B, N, d], references [L, B, N, 4] or None) as Decoder.forward.
         """
         batch = memory.shape[0]
         attn_mask = (~mask)[:, None, None, :]  # (B, 1, 1, S): True where a key may be attended
-        anchors = refpoints_unsigmoid
-        if anchors.dim() == 2:
-            anchors = anchors[None].expand(batch, -1, -1)
-        num_queries = anchors.shape[1]
+        if queries.dim() == 2:
+            queries = queries[None].expand(batch, -1, -1)
+        num_queries = queries.shape[1]
         if self.patterns is None:
             tgt = memory.new_zeros(batch, num_queries, self.d_model)
         else:
             # pattern-major order: query index = p * Nq + q
             tgt = self.patterns.weight[:, None, :].expand(-1, num_queries, -1).flatten(0, 1)
             tgt = tgt[None].expand(batch, -1, -1)
-            anchors = anchors.repeat(1, self.num_patterns, 1)
+            queries = queries.repeat(1, self.num_patterns, 1)
         if extra_queries is not None:
             tgt = torch.cat([extra_queries[0], tgt], dim=1)
-            anchors = torch.cat([extra_queries[1], anchors], dim=1)
-        return self.decoder(tgt, anchors, memory, pos, attn_mask, bbox_embed, self_attn_mask)
+            queries = torch.cat([extra_queries[1], queries], dim=1)
+        return self.decoder(tgt, queries, memory, pos, attn_mask, bbox_embed, self_attn_mask)

@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from dabdetr.config import BACKBONES, DabDetrConfig
+from dabdetr.errors import BadWeightsError
+from dabdetr.io_utils import atomic_write
+from dabdetr.weights.native import load_safetensors
 
 # Declarative key table: (transformers template, our template). `{n}` is a layer index and
 # `{rest}` the remaining dotted path; the same table converts in both directions.
@@ -198,8 +201,10 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DabDetrConfig:
 def config_to_hf(config: DabDetrConfig) -> dict[str, Any]:
     """A transformers config.json for our config; ValueError for what transformers lacks."""
     unsupported = []
+    if config.query_type != "dab":
+        unsupported.append(f"query_type={config.query_type!r}")
     if config.backbone_return_layer != "layer4":
-        unsupported.append("backbone_return_layer='layer3'")
+        unsupported.append(f"backbone_return_layer={config.backbone_return_layer!r}")
     if config.backbone_norm != "frozen":
         unsupported.append("backbone_norm='batch' (transformers freezes batch norm)")
     if config.position_embedding != "sine":
@@ -269,34 +274,72 @@ def _int_if_whole(value: float) -> int | float:
 
 
 def read_hf_directory(path: Path, **overrides: Any) -> tuple[DabDetrConfig, dict[str, Tensor]]:
-    """config.json + model.safetensors (or sharded *.safetensors) from a local directory."""
+    """config.json + model.safetensors (or sharded *.safetensors) from a local directory; the
+    eval resize from preprocessor_config.json when there is one."""
     config_file = path / "config.json"
     try:
         hf_config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {config_file}: {err}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadWeightsError(f"cannot read {config_file}: {err}") from None
+    if not isinstance(hf_config, dict):
+        raise BadWeightsError(f"{config_file} is not a JSON object: not a model config")
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ValueError(
+        raise BadWeightsError(
             f"{path} has a config.json but no *.safetensors weights (pytorch_model.bin is not "
             "loaded: it is a pickle; convert it to safetensors with transformers first)"
         )
     hf_state: dict[str, Tensor] = {}
     for file in files:
-        hf_state.update(load_file(str(file)))
+        hf_state.update(load_safetensors(file))
     state, unknown = hf_to_ours(hf_state)
     if unknown:
-        raise ValueError(f"{path}: keys not understood as DAB-DETR weights: {unknown[:20]}"
-                         + (f" (and {len(unknown) - 20} more)" if len(unknown) > 20 else ""))
-    return config_from_hf(hf_config, **overrides), state
+        raise BadWeightsError(f"{path}: keys not understood as DAB-DETR weights: {unknown[:20]}"
+                              + (f" (and {len(unknown) - 20} more)" if len(unknown) > 20 else ""))
+    overrides = {**read_eval_resize(path), **overrides}
+    try:
+        return config_from_hf(hf_config, **overrides), state
+    except ValueError as err:
+        raise BadWeightsError(f"{config_file}: {err}") from None
+    except (TypeError, AttributeError, KeyError) as err:
+        raise BadWeightsError(f"{config_file} holds a value of the wrong type ({err}); fix or "
+                              "download it again") from None
+
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def read_eval_resize(path: Path) -> dict[str, int | None]:
+    """{"eval_size", "eval_max_size"} from a preprocessor_config.json's size, or {} if there
+    is none or it does not state a shortest/longest edge."""
+    try:
+        size = json.loads((path / PREPROCESSOR_FILE).read_text()).get("size")
+        short, long = size.get("shortest_edge"), size.get("longest_edge")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return {}
+    if not (isinstance(short, int) and short > 0 and (long is None or isinstance(long, int))):
+        return {}
+    return {"eval_size": short, "eval_max_size": long}
+
+
+def preprocessor_config(config: DabDetrConfig) -> dict[str, Any]:
+    """transformers' image processor settings for the model's eval resize (COCO detection)."""
+    size = {"shortest_edge": config.eval_size}
+    if config.eval_max_size is not None:
+        size["longest_edge"] = config.eval_max_size
+    return {"image_processor_type": "DetrImageProcessor", "format": "coco_detection",
+            "do_resize": True, "size": size, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225], "do_pad": True}
 
 
 def write_hf_directory(config: DabDetrConfig, state: dict[str, Tensor], path: Path) -> None:
-    """Write a directory that transformers' DabDetrForObjectDetection.from_pretrained loads."""
+    """Write a directory that transformers' DabDetrForObjectDetection.from_pretrained loads
+    (config.json, model.safetensors, preprocessor_config.json), each file atomically."""
     hf_config = config_to_hf(config)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-    save_file(ours_to_hf(state), str(path / "model.safetensors"), metadata={"format": "pt"})
+    atomic_write(path / "model.safetensors", save(ours_to_hf(state), metadata={"format": "pt"}))
+    atomic_write(path / "config.json", json.dumps(hf_config, indent=2, sort_keys=True))
+    atomic_write(path / PREPROCESSOR_FILE, json.dumps(preprocessor_config(config), indent=2))
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -307,9 +350,10 @@ def download_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors"]))
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors",
+                                                              PREPROCESSOR_FILE]))
     except Exception as err:  # offline, unknown repo, no access: all end the same way for a user
-        raise ValueError(
+        raise BadWeightsError(
             f"could not get {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
             "If you are offline, download the model elsewhere (config.json and model.safetensors) "
             "and pass the local directory instead, e.g. load_model('/path/to/dab-detr-resnet-50')"

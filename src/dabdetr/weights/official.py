@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from dabdetr.config import BACKBONES, DabDetrConfig
+from dabdetr.errors import BadWeightsError
 
 # Objects an official (or torchvision) checkpoint may legitimately hold besides tensors.
 SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath,
@@ -27,26 +28,51 @@ SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath,
 
 
 def safe_torch_load(path: str | Path) -> Any:
-    """torch.load with weights_only=True and our allow-list; a clear error for anything else."""
+    """torch.load with weights_only=True and our allow-list.
+
+    Raises BadWeightsError (a ValueError) naming the file: missing, not a PyTorch file at all,
+    damaged, or holding pickled objects outside the allow-list (never unpickled).
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise BadWeightsError(f"checkpoint not found: {path}")
+    if not looks_like_torch_file(path):
+        raise BadWeightsError(
+            f"{path} is not a PyTorch checkpoint (neither a torch zip archive nor a pickle); "
+            "give a .pth/.pt file written by torch.save, a .safetensors file or a model folder")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
         allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
         found = [g for g in pickled_globals(path) if g not in allowed
                  and not g.startswith(("torch.", "collections.OrderedDict", "builtins.set"))]
+        if not found and "Unsupported global" not in str(err):
+            raise _damaged(path, err) from None
         what = ", ".join(sorted(set(found))) or "objects of types outside the allow-list"
-        raise ValueError(
+        raise BadWeightsError(
             f"refused to load {path}: it contains pickled {what}, not on the allow-list of safe "
             "types (tensors, plain containers, argparse.Namespace). Unpickling it could execute "
             "code from the file, so it was not unpickled. Re-save the weights as a plain state "
             "dict or safetensors from a trusted environment."
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"could not read {path} as a PyTorch checkpoint: {err}") from None
+    except Exception as err:  # weights_only parsing of a damaged file fails in many ways
+        raise _damaged(path, err) from None
+
+
+def _damaged(path: Path, err: BaseException) -> BadWeightsError:
+    return BadWeightsError(f"could not read {path} as a PyTorch checkpoint ({type(err).__name__}: "
+                           f"{str(err)[:200]}); the file is damaged or incomplete: get it again")
+
+
+def looks_like_torch_file(path: Path) -> bool:
+    """Whether a file can be a torch.save output: a zip archive (the format since torch 1.6)
+    or a pickle stream (the legacy format, which starts with the PROTO opcode)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def pickled_globals(path: Path) -> list[str]:
@@ -126,6 +152,11 @@ def infer_config(state_dict: dict[str, Tensor], args: dict[str, Any] | None = No
     values["pe_temperature_w"] = float(args.get("pe_temperatureW", 20))
     if "refpoint_embed.weight" in sd:
         values["num_queries"] = sd["refpoint_embed.weight"].shape[0]
+        if sd["refpoint_embed.weight"].shape[-1] == 2:  # learned points, not boxes
+            values["query_type"] = "anchor2d"
+    elif "query_embed.weight" in sd:  # learned positional vectors, no anchors
+        values["query_type"] = "detr"
+        values["num_queries"] = sd["query_embed.weight"].shape[0]
     elif "query_selection.class_embed.weight" in sd:
         # query selection keeps no per-query weights: the count comes from args or overrides
         values["two_stage"] = True

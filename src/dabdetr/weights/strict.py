@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from dabdetr.errors import BadWeightsError
+
 
 @dataclass
 class LoadReport:
@@ -39,9 +41,10 @@ def load_state_dict_checked(
 ) -> LoadReport:
     """Load `state_dict` into `model`, reporting every problem at once.
 
-    strict=True raises ValueError listing all missing, unexpected and mis-shaped keys (nothing
-    is loaded then). strict=False loads every key that fits and leaves the rest at their
-    current (initial) values; mis-shaped keys are skipped, e.g. a class head of another size.
+    strict=True raises BadWeightsError (a ValueError) listing all missing, unexpected and
+    mis-shaped keys (nothing is loaded then). strict=False loads every key that fits and
+    leaves the rest at their current (initial) values; mis-shaped keys are skipped, e.g. a
+    class head of another size.
     """
     own = model.state_dict()
     report = LoadReport()
@@ -56,7 +59,7 @@ def load_state_dict_checked(
     report.missing = [k for k in own if k not in usable
                       and not any(k == m[0] for m in report.mismatched)]
     if strict and not report.ok:
-        raise ValueError("state dict does not fit the model:\n" + report.format())
+        raise BadWeightsError("state dict does not fit the model:\n" + report.format())
     model.load_state_dict(usable, strict=False)
     report.loaded = len(usable)
     return report

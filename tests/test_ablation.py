@@ -1,0 +1,51 @@
+"""benchmarks/ablation.py as a smoke test: two variants, one seed, a budget of a few steps."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from _util import tiny_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ablation():
+    spec = importlib.util.spec_from_file_location("ablation", ROOT / "benchmarks" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_smoke_equal_budget_json_table_plot_and_continuation(tmp_path):
+    ablation = _ablation()
+    data = tiny_dataset(tmp_path / "data")
+    out = tmp_path / "report"
+    argv = ["--data", str(data), "--variants", "dab", "detr", "--seeds", "0",
+            "--eval-every", "4", "--preset", "cpu-tiny", "--set", "batch_size=4",
+            "image_size=64", "--device", "cpu", "--out", str(tmp_path / "runs"),
+            "--json", str(out.with_suffix(".json")), "--table", str(out.with_suffix(".md")),
+            "--plot", str(out.with_suffix(".png"))]
+    ablation.main(argv + ["--budget", "8"])
+    doc = json.loads(out.with_suffix(".json").read_text())
+    runs = doc["runs"]
+    assert sorted((r["variant"], r["images_seen"]) for r in runs) == [
+        ("dab", 4), ("dab", 8), ("detr", 4), ("detr", 8)]
+    assert all(0 <= r["AP"] <= 1 and 0 <= r["AP50"] <= 1 and r["seed"] == 0 for r in runs)
+    assert doc["setting"]["variants"]["detr"]["query_type"] == "detr"
+    assert doc["setting"]["budget_images"] == 8 and "ablation.py" in doc["setting"]["command"]
+    table = out.with_suffix(".md").read_text()
+    assert "| dab | 1 |" in table and "| detr | 1 |" in table and "AP50 @ 8" in table
+    assert out.with_suffix(".png").stat().st_size > 0
+    # each run's model is the variant's, trained to the same number of images
+    from dabdetr.weights.loading import load_model
+
+    detr = load_model(tmp_path / "runs" / "detr-seed0" / "last.pt")
+    assert detr.config.query_type == "detr" and not detr.config.two_stage
+    # a larger budget continues a run: earlier evaluations are kept, one more is added
+    argv.remove("detr")
+    ablation.main(argv + ["--budget", "12"])
+    again = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert again[:2] == [r for r in runs if r["variant"] == "dab"]
+    assert [(r["variant"], r["images_seen"]) for r in again[2:]] == [("dab", 12)]
