@@ -19,6 +19,7 @@ from _util import tiny_cfg, tiny_dataset
 
 import dabdetr
 from dabdetr.cli import main
+from dabdetr.data.check import DataProblems
 from dabdetr.engine.config import TrainConfig
 from dabdetr.engine.train import train
 from dabdetr.engine.trainer import Trainer, TrainingDiverged
@@ -267,10 +268,13 @@ def test_bad_images_are_skipped_and_counted(data_dir, tmp_path, caplog):
     shutil.copytree(data_dir, broken)
     (broken / "train" / "000000.png").write_bytes(b"not a png")
     (broken / "train" / "000001.png").unlink()
+    with pytest.raises(DataProblems, match=r"(?s)000000\.png: unreadable_image.*"
+                                           r"000001\.png: missing_image"):
+        train(tiny_cfg(broken, tmp_path / "stopped", max_steps=4, epochs=1))
     with caplog.at_level(logging.WARNING):
-        summary = train(tiny_cfg(broken, tmp_path / "run", max_steps=4, epochs=1))
-    assert summary["skipped_images"] == 2
-    assert "skipped" in caplog.text
+        summary = train(tiny_cfg(broken, tmp_path / "run", max_steps=4, epochs=1, skip_bad=True))
+    assert "left out 2 bad entries (--skip-bad)" in caplog.text
+    assert summary["steps"] == 4 and summary["skipped_images"] == 0  # left out before training
 
 
 def test_malformed_annotations_fail_before_training(data_dir, tmp_path):
@@ -293,9 +297,11 @@ def test_unknown_category_ids_are_reported(data_dir, tmp_path, caplog):
     ann = json.loads(ann_file.read_text())
     ann["annotations"][0]["category_id"] = 77
     ann_file.write_text(json.dumps(ann))
-    with caplog.at_level(logging.WARNING):
+    with pytest.raises(DataProblems, match="category_id 77 is not in 'categories'"):
         Trainer(tiny_cfg(odd, tmp_path / "run"))
-    assert "77" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        Trainer(tiny_cfg(odd, tmp_path / "run", skip_bad=True))
+    assert "left out 1 bad entry" in caplog.text
 
 
 def test_killed_training_leaves_loadable_checkpoint(data_dir, tmp_path):

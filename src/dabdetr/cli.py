@@ -201,9 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_predict, _add_convert, _add_synth):
         add(sub)
     from dabdetr import demo, explain, export_cli
+    from dabdetr.data import commands as data_commands
     from dabdetr.engine import evaluate, train
 
-    for module in (train, evaluate, demo, explain, export_cli):
+    for module in (data_commands, train, evaluate, demo, explain, export_cli):
         module.add_cli(sub)
     for command in sub.choices.values():  # also accepted after the command: dabdetr predict -v
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,

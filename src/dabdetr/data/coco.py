@@ -19,7 +19,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ __all__ = [
     "boxes_to_normalized_cxcywh",
     "collate",
     "load_image_rgb",
+    "read_coco_json",
     "resolve_split",
 ]
 
@@ -99,7 +100,7 @@ class _Problems:
         raise BadDataError(f"{self.ann_file}: invalid COCO annotation file:\n  {lines}")
 
 
-def _read_json(ann_file: Path) -> dict[str, Any]:
+def read_coco_json(ann_file: Path) -> dict[str, Any]:
     if not ann_file.is_file():
         raise BadDataError(f"{ann_file}: annotation file does not exist (or is not a file)")
     if ann_file.stat().st_size == 0:
@@ -192,7 +193,8 @@ class CocoDetection(Dataset):
 
     Args:
         images_dir: folder the images' ``file_name`` entries are relative to.
-        ann_file: COCO annotation JSON (``images``, ``annotations``, ``categories``).
+        ann_file: COCO annotation JSON (``images``, ``annotations``, ``categories``), or the
+            same content as a dict (what `dabdetr.data.formats` readers produce for any format).
         transforms: callable ``(image, target) -> (image, target)`` taking a PIL RGB image and
             ``{"boxes": tv_tensors.BoundingBoxes (XYXY, absolute), "labels": int64 [N]}`` and
             returning a float [3, H, W] tensor (see `data.transforms`). None: no augmentation,
@@ -201,6 +203,7 @@ class CocoDetection(Dataset):
             "contiguous", or the layout of ``category_map`` if given.
         category_map: a fixed map (e.g. from a checkpoint when fine-tuning or evaluating);
             annotations of categories it lacks are dropped. Default: built from the file.
+        source: the file or folder an in-memory ``ann_file`` came from, for messages.
 
     Each item is ``(image, target)`` or None if the image file cannot be read:
         image: float32 [3, H, W], normalized with ImageNet mean/std (after ``transforms``).
@@ -220,13 +223,15 @@ class CocoDetection(Dataset):
     def __init__(
         self,
         images_dir: str | os.PathLike[str],
-        ann_file: str | os.PathLike[str],
+        ann_file: str | os.PathLike[str] | Mapping[str, Any],
         transforms: Transforms | None = None,
         layout: Layout | None = None,
         category_map: CategoryMap | None = None,
+        source: str | os.PathLike[str] | None = None,
     ) -> None:
         self.images_dir = Path(images_dir)
-        self.ann_file = Path(ann_file)
+        in_memory = isinstance(ann_file, Mapping)
+        self.ann_file = Path(source or ("<in-memory annotations>" if in_memory else ann_file))
         self.transforms: Transforms = (
             transforms if transforms is not None else to_normalized_tensor()
         )
@@ -240,7 +245,7 @@ class CocoDetection(Dataset):
                 f"{category_map.layout!r}); pass only one of them"
             )
 
-        data = _read_json(self.ann_file)
+        data = dict(ann_file) if in_memory else read_coco_json(self.ann_file)
         _check_sections(data, self.ann_file)
         problems = _Problems(self.ann_file)
         try:

@@ -232,8 +232,10 @@ class TransformRecipe:
     eval_size: int = OFFICIAL_EVAL_SIZE
     eval_max_size: int | None = OFFICIAL_MAX_SIZE
 
-    def train_transforms(self) -> v2.Compose:
-        return make_train_transforms(self.scales, self.max_size, self.crop_resize, self.crop_size)
+    def train_transforms(self, hflip: bool = True) -> v2.Compose:
+        """The training pipeline; hflip=False leaves out the horizontal flip."""
+        return make_train_transforms(self.scales, self.max_size, self.crop_resize, self.crop_size,
+                                     hflip_prob=0.5 if hflip else 0.0)
 
     def eval_transforms(self) -> v2.Compose:
         return make_eval_transforms(self.eval_size, self.eval_max_size)

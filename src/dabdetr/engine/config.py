@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dabdetr.config import DabDetrConfig, parse_overrides
+from dabdetr.data.formats import FORMAT_CHOICES
 from dabdetr.data.transforms import TransformRecipe, scaled_recipe
+from dabdetr.engine.tracking import TRACKERS
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,21 @@ class TrainConfig:
     """Everything about how a model is trained. Defaults are the authors' recipe (per process
     batch 2; they used 8 GPUs, a global batch of 16)."""
 
-    data: str = option("", "dataset dir: annotations/instances_{split}.json + images in "
-                       "{split}/, {split}2017/ or images/{split}/")
+    data: str = option("", "dataset folder: COCO (annotations/instances_{split}.json + images "
+                       "in {split}/, {split}2017/ or images/{split}/), YOLO (data.yaml, or "
+                       "images/{split} + labels/{split}) or Pascal VOC (Annotations/, "
+                       "JPEGImages/, ImageSets/Main/)")
+    format: str = option("auto", "dataset format; auto detects it and says which",
+                         choices=FORMAT_CHOICES)
+    train_json: str | None = option(None, "COCO: the train split's annotation file")
+    val_json: str | None = option(None, "COCO: the val split's annotation file")
+    images: str | None = option(None, "COCO: the folder the json files' file_name entries are "
+                                "relative to")
+    skip_bad: bool = option(False, "leave out the entries `dabdetr check-data` reports "
+                            "(missing images, bad boxes, unknown classes ...) instead of "
+                            "stopping")
+    log: str = option("", "also log to any of " + ",".join(TRACKERS) + " (comma separated; "
+                      "local files under --out, offline)")
     out: str = option("runs/train", "run directory (checkpoints, logs, plots)")
     train_split: str = option("train", "split to train on")
     val_split: str = option("val", "split to evaluate on")

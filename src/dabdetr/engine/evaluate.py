@@ -16,7 +16,9 @@ from dabdetr import distributed as dist
 from dabdetr.argtypes import non_negative_int, positive_int
 from dabdetr.config import DabDetrConfig, resolve_eval_resize
 from dabdetr.data.categories import CategoryMap
-from dabdetr.data.coco import CocoDetection, collate, resolve_split
+from dabdetr.data.check import load_checked
+from dabdetr.data.coco import CocoDetection, collate
+from dabdetr.data.formats import FORMAT_CHOICES, open_dataset
 from dabdetr.data.transforms import make_eval_transforms
 from dabdetr.engine.evaluator import CocoEvaluator, format_table, load_coco_gt
 from dabdetr.engine.sampling import EpochSampler
@@ -104,9 +106,9 @@ def category_mismatch(model: CategoryMap, dataset: dict[int, str]) -> list[str]:
     return lines
 
 
-def warn_category_mismatch(model: CategoryMap, ann_file: Path) -> None:
-    """Log `category_mismatch` of a model's map and a COCO annotation file's categories."""
-    cats = json.loads(Path(ann_file).read_text()).get("categories", [])
+def warn_category_mismatch(model: CategoryMap, coco: dict[str, Any]) -> None:
+    """Log `category_mismatch` of a model's map and a COCO-style dataset's categories."""
+    cats = coco.get("categories", [])
     for line in category_mismatch(model, {c["id"]: c["name"] for c in cats}):
         logger.warning("%s", line)
 
@@ -115,27 +117,33 @@ def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: in
                      device: str | None = None, eval_size: int | None = None,
                      max_size: int | None = None,
                      num_select: int = 300, num_workers: int = 2, out: str | None = None,
-                     progress: bool = True, optimize: str = "none") -> dict[str, Any]:
+                     progress: bool = True, optimize: str = "none", format: str = "auto",
+                     ann_json: str | None = None, images: str | None = None,
+                     skip_bad: bool = False) -> dict[str, Any]:
     """Load weights, evaluate on `data`/`split`, optionally write results JSON + metrics.
     eval_size/max_size: the resize; None takes the model's own (`resolve_eval_resize`).
-    optimize: one of `dabdetr.optimize.OPTIMIZE_CHOICES` (see `dabdetr.optimize.optimized`)."""
+    optimize: one of `dabdetr.optimize.OPTIMIZE_CHOICES` (see `dabdetr.optimize.optimized`).
+    format: "auto", "coco", "yolo" or "voc" (`dabdetr.data.formats`); ann_json / images: COCO
+    annotation file of `split` and the folder its file names are relative to; skip_bad: leave
+    out entries with problems (`dabdetr.data.check`) instead of stopping."""
     from dabdetr.optimize import optimized
     from dabdetr.weights.loading import load_model
 
     dev = dist.init_from_env(device)
     model = optimized(load_model(weights, device=str(dev)), optimize)
-    images_dir, ann_file = resolve_split(data, split)
+    reader = open_dataset(data, format, {split: ann_json}, images)
+    checked = load_checked(reader, split, skip_bad)
     categories = category_map_of(model.config)
     size, cap = resolve_eval_resize(model.config, eval_size, max_size)
     logger.info("evaluating at short side %d, long side at most %s", size, cap)
-    dataset = CocoDetection(images_dir, ann_file, make_eval_transforms(size, cap),
-                            category_map=categories)
+    dataset = CocoDetection(checked.image_root, checked.coco, make_eval_transforms(size, cap),
+                            category_map=categories, source=checked.source)
     if dataset.category_map.num_classes != model.config.num_classes:
         raise ValueError(f"the model predicts {model.config.num_classes} classes but the dataset "
                          f"maps to {dataset.category_map.num_classes}")
     if categories is not None:
-        warn_category_mismatch(categories, ann_file)
-    evaluator = CocoEvaluator(load_coco_gt(ann_file), dataset.category_map)
+        warn_category_mismatch(categories, checked.coco)
+    evaluator = CocoEvaluator(load_coco_gt(checked.coco), dataset.category_map)
     metrics = run_evaluation(model, dataset, evaluator, dev, batch_size, num_workers,
                              num_select, progress)
     if out and dist.is_main_process():
@@ -146,11 +154,20 @@ def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: in
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="COCO box AP of weights on a COCO-format dataset",
+    p = sub.add_parser("evaluate", help="COCO box AP of weights on a COCO, YOLO or VOC dataset",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", required=True, help="any source load_model accepts")
-    p.add_argument("--data", required=True, help="dataset dir (annotations/instances_SPLIT.json)")
+    p.add_argument("--data", default=None,
+                   help="dataset folder: COCO, YOLO or Pascal VOC layout (see `train --help`)")
     p.add_argument("--split", default="val")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="auto",
+                   help="dataset format; auto detects it and says which")
+    p.add_argument("--val-json", default=None,
+                   help="COCO: the annotation file of the evaluated split")
+    p.add_argument("--images", default=None,
+                   help="COCO: the folder the json's file_name entries are relative to")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out entries with problems instead of stopping")
     p.add_argument("--batch-size", type=positive_int, default=1, help="per process")
     p.add_argument("--device", default=None)
     p.add_argument("--eval-size", "--size", type=positive_int, default=None,
@@ -175,7 +192,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             check_writable_target(Path(args.out) / name, args.force)
     metrics = evaluate_weights(args.weights, args.data, args.split, args.batch_size,
                                args.device, args.eval_size, args.max_size, args.num_select,
-                               args.num_workers, args.out, optimize=args.optimize)
+                               args.num_workers, args.out, optimize=args.optimize,
+                               format=args.format, ann_json=args.val_json, images=args.images,
+                               skip_bad=args.skip_bad)
     if dist.is_main_process():
         print(" ".join(f"{k}={metrics[k]:.4f}" for k in ("AP", "AP50", "AP75", "APs", "APm",
                                                         "APl")))

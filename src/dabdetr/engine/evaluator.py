@@ -49,9 +49,17 @@ def _quiet(verbose: bool) -> Iterator[None]:
             yield
 
 
-def load_coco_gt(ann_file: str | os.PathLike[str], verbose: bool = False) -> COCO:
-    """pycocotools' COCO object for an annotation file, without its prints."""
+def load_coco_gt(ann_file: str | os.PathLike[str] | Mapping[str, Any],
+                 verbose: bool = False) -> COCO:
+    """pycocotools' COCO object for an annotation file, or for its content as a dict (any
+    `dabdetr.data.formats` split's ``coco``; copied, so the caller's dict stays as it is),
+    without its prints."""
     with _quiet(verbose):
+        if isinstance(ann_file, Mapping):
+            coco = COCO()
+            coco.dataset = copy.deepcopy(dict(ann_file))
+            coco.createIndex()
+            return coco
         return COCO(str(ann_file))
 
 

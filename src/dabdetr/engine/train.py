@@ -1,5 +1,5 @@
-"""The `train` command: the published recipe by default, on any COCO-format dataset, 1 CPU to
-N GPUs.
+"""The `train` command: the published recipe by default, on a COCO, YOLO or Pascal VOC
+dataset, 1 CPU to N GPUs.
 
 Single process: `dabdetr train --data DIR`. Several processes (DDP, nccl on GPUs, gloo on
 CPU): `torchrun --nproc_per_node N -m dabdetr train --data DIR`. Every process reads torchrun's
@@ -30,7 +30,7 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train or fine-tune on a COCO-format dataset (torchrun-ready)",
+    p = sub.add_parser("train", help="train or fine-tune on a COCO, YOLO or VOC dataset (torchrun-ready)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_arguments(p)
     p.add_argument("--resume", default=None, metavar="PATH|auto",

@@ -17,8 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dabdetr import distributed as dist
-from dabdetr.data.coco import CocoDetection, collate, resolve_split
-from dabdetr.data.transforms import TransformRecipe
+from dabdetr.data.coco import collate
 from dabdetr.engine.checkpoint import (
     rank_rng,
     read_checkpoint,
@@ -27,12 +26,15 @@ from dabdetr.engine.checkpoint import (
     set_rng_state,
 )
 from dabdetr.engine.config import TrainConfig
+from dabdetr.engine.datasets import build_run_data
 from dabdetr.engine.evaluate import config_with_categories, run_evaluation
-from dabdetr.engine.evaluator import CocoEvaluator, load_coco_gt
+from dabdetr.engine.evaluator import CocoEvaluator
 from dabdetr.engine.preemption import StopRequest, TrainingInterrupted, ignore_ctrl_c
+from dabdetr.engine.preview import predictions_picture
 from dabdetr.engine.runlog import RunLog, plot_history, read_log
 from dabdetr.engine.sampling import EpochSampler, SeededAugmentation
 from dabdetr.engine.schedule import LrSchedule, build_optimizer
+from dabdetr.engine.tracking import Trackers, open_trackers, parse_trackers
 from dabdetr.errors import UnwritableError
 from dabdetr.io_utils import atomic_path
 from dabdetr.model_types import build_model, model_type_of
@@ -94,15 +96,13 @@ class Trainer:
                              "fraction of --time-limit after which the lr drops")
         self.amp_dtype = check_amp(cfg.amp, self.device)  # None: float32
 
+        parse_trackers(cfg.log)  # a wrong name or missing package fails before any work
+        self.trackers = Trackers()  # opened by fit()
         recipe = cfg.recipe()
-        train_images, train_ann = resolve_split(cfg.data, cfg.train_split)
-        val_images, val_ann = resolve_split(cfg.data, cfg.val_split)
-        train_tf = recipe.train_transforms() if not cfg.no_flip else _no_flip(recipe)
-        self.train_set = CocoDetection(train_images, train_ann, train_tf, layout=cfg.layout)
-        self.categories = self.train_set.category_map
-        self.val_set = CocoDetection(val_images, val_ann, recipe.eval_transforms(),
-                                     category_map=self.categories)
-        self.val_gt = load_coco_gt(val_ann)
+        train_tf = recipe.train_transforms(hflip=not cfg.no_flip)
+        data = build_run_data(cfg, train_tf, recipe.eval_transforms())
+        self.train_set, self.val_set, self.val_gt = data.train_set, data.val_set, data.val_gt
+        self.categories = data.categories
 
         model_cfg = preset_config(cfg.model, **cfg.model_overrides)
         model_cfg = config_with_categories(model_cfg, self.categories)
@@ -316,11 +316,18 @@ class Trainer:
         return totals
 
     def fit(self, time_limit: float | None = None) -> dict[str, Any]:
-        """Train until cfg.epochs, cfg.max_steps or the time limit (minutes of training in
-        all, a resumed run's earlier ones included; default cfg.time_limit) is reached, with an
-        evaluation and a checkpoint at every epoch's end and at the stop. Returns a summary:
-        epochs, steps, images_seen, minutes, best_AP, skipped_images and the last epoch record.
-        """
+        """Train until cfg.epochs, cfg.max_steps or the time limit (minutes in all, default
+        cfg.time_limit), evaluating and checkpointing at each epoch's end and at the stop, with
+        `cfg.log`'s trackers open (main process). Returns the summary of `_fit`."""
+        if dist.is_main_process():
+            self.trackers = open_trackers(self.cfg.log, self.out, run_name=self.out.name)
+            self.trackers.log_config(self.cfg.to_dict())
+        try:
+            return self._fit(time_limit)
+        finally:
+            self.trackers.close()
+
+    def _fit(self, time_limit: float | None) -> dict[str, Any]:
         cfg = self.cfg
         if time_limit is not None:
             self.time_limit = time_limit
@@ -384,10 +391,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{running['loss']:.3f}",
                                 lr=f"{self.optimizer.param_groups[0]['lr']:.1e}")
                 if self.step % cfg.log_every == 0:
+                    lr = self.optimizer.param_groups[0]["lr"]
                     self.log.append({"type": "step", "epoch": self.epoch, "step": self.step,
                                "images_seen": self.images_seen,
-                               "minutes": (time.time() - started) / 60,
-                               "lr": self.optimizer.param_groups[0]["lr"], **losses})
+                               "minutes": (time.time() - started) / 60, "lr": lr, **losses})
+                    self.trackers.log_metrics(
+                        self.step, {"lr": lr, **{f"train/{k}": v for k, v in losses.items()}})
                 self._maybe_drop_lr_by_time(started)
                 self._stop_for_signal(stop, started)
                 if not self._budget_left(started):
@@ -420,14 +429,17 @@ class Trainer:
                 self.checkpoint("best.pt")
             if dist.is_main_process():
                 evaluator.save_results(self.out / "val_detections.json")
+                self._track_evaluation(metrics)
         else:
             self.history.append(record)
         self.log.append(record)
         self.checkpoint("last.pt")
 
-
-def _no_flip(recipe: TransformRecipe):
-    from dabdetr.data.transforms import make_train_transforms
-
-    return make_train_transforms(recipe.scales, recipe.max_size, recipe.crop_resize,
-                                 recipe.crop_size, hflip_prob=0.0)
+    def _track_evaluation(self, metrics: dict[str, Any]) -> None:
+        """AP numbers and a predictions picture to the experiment trackers (main process)."""
+        if self.trackers:
+            scalars = {f"val/{k}": v for k, v in metrics.items() if k != "per_class"}
+            self.trackers.log_metrics(self.step, scalars)
+            picture = predictions_picture(self.eval_model(), self.val_set, self.device)
+            if picture is not None:
+                self.trackers.log_image(self.step, "val/predictions", picture)
