@@ -32,9 +32,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def check_field_type(name: str, value: Any) -> None:
-    """ValueError if `value` cannot be the DabDetrConfig field `name` (as read from JSON)."""
-    default = DabDetrConfig.__dataclass_fields__[name].default
+def check_field_type(name: str, value: Any, config_class: type | None = None) -> None:
+    """ValueError if `value` cannot be the field `name` of `config_class` (default
+    DabDetrConfig), as read from JSON."""
+    default = (config_class or DabDetrConfig).__dataclass_fields__[name].default
     allowed = _FIELD_TYPES.get(name) or (
         (int, float) if isinstance(default, float) else (type(default),))
     wrong_bool = isinstance(value, bool) and bool not in allowed
@@ -68,8 +69,46 @@ def resolve_eval_resize(config: DabDetrConfig, size: int | None = None,
     return size, (cap or None)
 
 
+class _ConfigMethods:
+    """What the model configs share: plain-dict round trips, checked replacement, and the
+    class index -> name / dataset category id maps."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """The config from its `to_dict` form; ValueError naming a field that is unknown or
+        has a value of the wrong type."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a model config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: "
+                             f"{sorted(known)}")
+        for name, value in data.items():
+            check_field_type(name, value, cls)
+        return cls(**data)
+
+    def replace(self, **overrides: Any):
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown config overrides {unknown}; known fields: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+    def label_name(self, class_index: int) -> str:
+        return self.id2label.get(class_index, f"class_{class_index}")
+
+    def category_id(self, class_index: int) -> int:
+        if self.class_to_category is None:
+            return class_index
+        return self.class_to_category[class_index]
+
+
 @dataclass
-class DabDetrConfig:
+class DabDetrConfig(_ConfigMethods):
     """Everything that defines a DAB-DETR network (not how it is trained).
 
     The defaults reproduce the authors' DAB-DETR-R50 (`main.py` defaults): 300 queries,
@@ -226,38 +265,6 @@ class DabDetrConfig:
         """Number of predictions per image (num_queries x max(1, num_patterns))."""
         return self.num_queries * max(1, self.num_patterns)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DabDetrConfig:
-        """A config from plain data (e.g. a config.json); ValueError naming the first field
-        that is unknown or has a value of the wrong type."""
-        if not isinstance(data, dict):
-            raise ValueError(f"a model config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DabDetrConfig fields {unknown}; known fields: {sorted(known)}")
-        for name, value in data.items():
-            check_field_type(name, value)
-        return cls(**data)
-
-    def replace(self, **overrides: Any) -> DabDetrConfig:
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown config overrides {unknown}; known fields: {sorted(known)}")
-        return dataclasses.replace(self, **overrides)
-
-    def label_name(self, class_index: int) -> str:
-        return self.id2label.get(class_index, f"class_{class_index}")
-
-    def category_id(self, class_index: int) -> int:
-        if self.class_to_category is None:
-            return class_index
-        return self.class_to_category[class_index]
-
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """KEY=VALUE strings -> dict; values parsed as JSON when possible (true, 3, 0.5)."""
@@ -274,7 +281,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 
 @dataclass
-class DabDeformableDetrConfig:
+class DabDeformableDetrConfig(_ConfigMethods):
     """Everything that defines a DAB-Deformable-DETR network (not how it is trained).
 
     The defaults are the authors' `main.py` defaults for `-m dab_deformable_detr` (their
@@ -346,30 +353,3 @@ class DabDeformableDetrConfig:
     def total_queries(self) -> int:
         """Predictions per image (num_queries x max(1, num_patterns))."""
         return self.num_queries * max(1, self.num_patterns)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DabDeformableDetrConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DabDeformableDetrConfig fields {unknown}; known fields: "
-                             f"{sorted(known)}")
-        return cls(**data)
-
-    def replace(self, **overrides: Any) -> DabDeformableDetrConfig:
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown config overrides {unknown}; known fields: {sorted(known)}")
-        return dataclasses.replace(self, **overrides)
-
-    def label_name(self, class_index: int) -> str:
-        return self.id2label.get(class_index, f"class_{class_index}")
-
-    def category_id(self, class_index: int) -> int:
-        if self.class_to_category is None:
-            return class_index
-        return self.class_to_category[class_index]
