@@ -19,6 +19,18 @@ def _sine(values: Tensor, num_feats: int, temperature: float) -> Tensor:
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
+def _normalized_cell_coords(mask: Tensor, offset: float, scale: float) -> tuple[Tensor, Tensor]:
+    """Per-cell (y, x) coordinates [B, h, w] float32 of a padding mask [B, h, w] (True on
+    padding): (cumsum of valid cells - offset) / (last cumsum + 1e-6) * scale along each axis."""
+    not_mask = (~mask).to(torch.float32)
+    y_embed = not_mask.cumsum(1)
+    x_embed = not_mask.cumsum(2)
+    eps = 1e-6
+    y_embed = (y_embed - offset) / (y_embed[:, -1:, :] + eps) * scale
+    x_embed = (x_embed - offset) / (x_embed[:, :, -1:] + eps) * scale
+    return y_embed, x_embed
+
+
 class PositionEmbeddingSineHW(nn.Module):
     """2-D sine embedding with separate temperatures for y and x (the DAB-DETR variant).
 
@@ -35,12 +47,7 @@ class PositionEmbeddingSineHW(nn.Module):
         self.scale = 2 * math.pi
 
     def forward(self, mask: Tensor) -> Tensor:
-        not_mask = (~mask).to(torch.float32)
-        y_embed = not_mask.cumsum(1)
-        x_embed = not_mask.cumsum(2)
-        eps = 1e-6
-        y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-        x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+        y_embed, x_embed = _normalized_cell_coords(mask, offset=0.0, scale=self.scale)
         pos_y = _sine(y_embed, self.num_feats, self.temperature_h)
         pos_x = _sine(x_embed, self.num_feats, self.temperature_w)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
@@ -110,13 +117,8 @@ class PositionEmbeddingSineCentered(nn.Module):
         self.scale = 2 * math.pi
 
     def forward(self, mask: Tensor) -> Tensor:
-        not_mask = (~mask).to(torch.float32)
-        y_embed = not_mask.cumsum(1)
-        x_embed = not_mask.cumsum(2)
-        eps = 1e-6
         # fully padded rows/columns get a huge argument here; they are masked everywhere
-        y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
-        x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+        y_embed, x_embed = _normalized_cell_coords(mask, offset=0.5, scale=self.scale)
         pos_y = _sine(y_embed, self.num_feats, self.temperature)
         pos_x = _sine(x_embed, self.num_feats, self.temperature)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
