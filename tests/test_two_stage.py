@@ -85,6 +85,26 @@ def test_fewer_cells_than_queries_fills_with_centred_anchors():
     torch.testing.assert_close(anchors[0, 4:], fill, atol=1e-6, rtol=0)
 
 
+def test_small_image_beside_a_large_one_gets_centred_anchors_for_padded_picks():
+    """A 64 x 64 image (2 x 2 real cells) padded to 160 x 160 (5 x 5) beside a full one: its
+    top-8 includes padded cells, which become the centred default anchor, exactly as when
+    the small image has only its 4 cells and the fill."""
+    model = _model(pad_invariant=True).eval()
+    imgs = [torch.randn(3, 160, 160), torch.randn(3, 64, 64)]
+    batch, mask = dabdetr.batch_images(imgs)
+    with torch.no_grad():
+        src, pos, cell_mask = model.encode_image(batch, mask)
+        memory = model.transformer.encode(src, pos, cell_mask)
+        enc, anchors = model.query_selection(memory, cell_mask, 5, 5)
+        out = model(batch, mask)
+        single = model(imgs[1][None])
+    assert int((~cell_mask[1]).sum()) == 4
+    fill = torch.tensor([0.0, 0.0, math.log(1 / 9), math.log(1 / 9)]).expand(4, 4)
+    torch.testing.assert_close(anchors[1, 4:], fill, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.pred_boxes[1], single.pred_boxes[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.pred_logits[1], single.pred_logits[0], atol=1e-4, rtol=0)
+
+
 def test_encoder_losses_are_weighted_and_train_the_selection_heads():
     model = _model(dn_groups=2).train()
     criterion = SetCriterion(5)
