@@ -82,3 +82,32 @@ def test_gradients_are_clipped_to_clip_max_norm(data_dir, tmp_path):
     for before, after in zip(raw, norms, strict=True):
         assert before > 2 * max_norm  # clipping had something to do
         assert after == pytest.approx(max_norm, rel=1e-4)
+
+
+def test_accumulated_micro_batches_average_their_gradients(data_dir, tmp_path):
+    """With accumulate=2, one micro-batch given twice steps with that micro-batch's own gradient
+    (the mean over micro-batches), not twice it: the gradient norm before clipping equals that
+    of accumulate=1 on the same batch."""
+
+    def first_step(accumulate: int, name: str) -> tuple[torch.Tensor, float]:
+        trainer = Trainer(tiny_cfg(data_dir, tmp_path / name, max_steps=1, accumulate=accumulate,
+                                   model_overrides={"num_queries": 10, "dn_groups": 0},
+                                   clip_max_norm=1e6))
+        original = trainer.train_step
+        seen: list = []
+
+        def step(batches):
+            seen.append(batches[0].images.clone())
+            out = original([batches[0]] * accumulate)
+            seen.append(out["grad_norm"])
+            return out
+
+        trainer.train_step = step
+        trainer.fit()
+        return seen[0], seen[1]
+
+    images_1, norm_1 = first_step(1, "one")
+    images_2, norm_2 = first_step(2, "two")
+    assert torch.equal(images_1, images_2)  # same seed: the same first micro-batch
+    assert norm_1 > 0
+    assert norm_2 == pytest.approx(norm_1, rel=1e-5)
