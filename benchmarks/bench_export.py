@@ -12,7 +12,8 @@ Then per case (default: batch 1 at 800x1088, batch 4 at 640x640), interleaved ro
 
 with ms/img, achieved GFLOP/s against a 2048^2 matmul measured in the same run, the max abs
 difference of logits and boxes to ours, paired ratios, and peak memory per side in fresh child
-processes. The int8 file's AP change is not measured here (random weights have no AP).
+processes. Random weights have no AP: `--ap-weights W --ap-data DIR` instead evaluates trained
+weights eager, as an fp32 ONNX file and as its int8 quantization on a dataset.
 
 `--folder N` instead predicts a folder of N small generated images with `dabdetr predict`'s
 streaming path and prints the peak resident memory after 1/10 of them and after all (flat
@@ -21,6 +22,7 @@ memory: the two agree).
     python benchmarks/bench_export.py                       # R50: 800x1088 b1, 640x640 b4
     python benchmarks/bench_export.py --cases 1x800x1088 --reps 3 --no-int8
     python benchmarks/bench_export.py --folder 2000         # memory of a 2,000-image folder
+    python benchmarks/bench_export.py --ap-weights demo_out/model --ap-data demo_out/data
     python benchmarks/bench_export.py --tiny                # CI smoke test
 """
 
@@ -93,9 +95,38 @@ def write_files(config: DabDetrConfig, folder: Path, int8: bool) -> None:
     _common.export_for_transformers(model, folder / "hf")
     export_onnx(dabdetr.load_model(folder / "hf"), folder / "fp32.onnx")
     if int8:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        quantize_int8(folder / "fp32.onnx", folder / "int8.onnx")
 
-        quantize_dynamic(folder / "fp32.onnx", folder / "int8.onnx", weight_type=QuantType.QInt8)
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """onnxruntime's dynamic quantization: int8 weights, activations quantized per call."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+
+
+def ap_change(weights: str, data: str, split: str) -> None:
+    """COCO AP of a trained detector in PyTorch, as an fp32 ONNX export and as that file's
+    dynamic int8 quantization, on one split of a dataset (`dabdetr evaluate` for each)."""
+    import dabdetr
+    from dabdetr.engine.evaluate import evaluate_weights
+    from dabdetr.export import export_onnx
+
+    print(f"# AP of {weights} on {data} ({split}), eager vs ONNX Runtime fp32 vs int8")
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        export_onnx(dabdetr.load_model(weights), fp32)
+        quantize_int8(fp32, int8)
+        sides = {"ours": (weights, "pytorch"), "ort-fp32": (str(fp32), "onnxruntime"),
+                 "ort-int8": (str(int8), "onnxruntime")}
+        metrics = {side: evaluate_weights(path, data, split, device="cpu", num_workers=0,
+                                          progress=False, backend=backend)
+                   for side, (path, backend) in sides.items()}
+    for side, m in metrics.items():
+        print(f"  {side:<10} AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}")
+    for key in ("AP", "AP50"):
+        change = 100 * (metrics["ort-int8"][key] - metrics["ort-fp32"][key])
+        print(f"  int8 - fp32 {key}: {change:+.2f} points")
 
 
 def child_memory(args: argparse.Namespace) -> None:
@@ -202,6 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folder", type=int, default=0, metavar="N",
                         help="instead: predict N generated images, peak RSS at N/10 and N")
     parser.add_argument("--workers", type=int, default=2, help="--folder decoding workers")
+    parser.add_argument("--ap-weights", default=None, metavar="W",
+                        help="instead: AP of trained weights W eager, ONNX fp32 and int8 on "
+                             "--ap-data (e.g. the demo's model/ and data/)")
+    parser.add_argument("--ap-data", default=None, metavar="DIR", help="dataset for --ap-weights")
+    parser.add_argument("--ap-split", default="val", help="split for --ap-weights")
     _common.add_child_arguments(parser, tiny_size="1x128x160")
     args = parser.parse_args(argv)
     threads = args.threads or torch.get_num_threads()
@@ -212,6 +248,11 @@ def main(argv: list[str] | None = None) -> None:
               else DabDetrConfig(inverse_sigmoid_eps=1e-5))  # transformers' eps
     if args.child_side:
         child_memory(args)
+        return
+    if args.ap_weights:
+        if not args.ap_data:
+            parser.error("--ap-weights needs --ap-data")
+        ap_change(args.ap_weights, args.ap_data, args.ap_split)
         return
     if args.folder:
         folder_memory(args.folder, config, args.workers, 64 if args.tiny else 800)

@@ -325,6 +325,49 @@ def test_predict_backends_agree(base, base_onnx, tmp_path: Path,
     assert drawings[0] == drawings[1] == [f"{i}.jpg" for i in range(5)]
 
 
+def test_evaluate_backends_agree(base, base_onnx, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`dabdetr evaluate --backend onnxruntime` on the exported file gives the PyTorch model's
+    detections and COCO metrics, at the resize stored with the model."""
+    import json
+
+    from dabdetr.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    entries, annotations = [], []
+    for i, (w, h) in enumerate([(64, 48), (50, 70), (96, 40), (64, 64)]):
+        _noise_image(images / f"{i}.png", (w, h), seed=10 + i)
+        entries.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 2 * (i % 5) + 2,
+                            "bbox": [4.0, 6.0, 24.0, 18.0], "area": 432.0, "iscrowd": 0})
+    categories = [{"id": 2 * (k + 1), "name": name} for k, name in NAMES.items()]
+    ann = tmp_path / "val.json"
+    ann.write_text(json.dumps({"images": entries, "annotations": annotations,
+                               "categories": categories}))
+    common = ["--val-json", str(ann), "--images", str(images), "--num-select", "12",
+              "--num-workers", "0"]
+    assert main(["evaluate", "--weights", str(base[1]), "--device", "cpu", *common,
+                 "--out", str(tmp_path / "torch")]) == 0
+    assert main(["evaluate", "--weights", str(base_onnx[1]), "--backend", "onnxruntime",
+                 *common, "--out", str(tmp_path / "ort")]) == 0
+    capsys.readouterr()
+    ours, theirs = (json.loads((tmp_path / run / "detections.json").read_text())
+                    for run in ("torch", "ort"))
+    assert len(ours) == len(theirs) == 4 * 12
+    for a, b in zip(ours, theirs, strict=True):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["score"] == pytest.approx(b["score"], abs=2e-5)
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3)
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("torch", "ort")]
+    assert metrics[0]["AP50"] == pytest.approx(metrics[1]["AP50"], abs=1e-6)
+    assert metrics[0]["AP"] == pytest.approx(metrics[1]["AP"], abs=1e-6)
+    # PyTorch-only options are refused by name
+    code = main(["evaluate", "--weights", str(base_onnx[1]), "--backend", "onnxruntime",
+                 "--optimize", "fused", *common])
+    assert code == 2 and "--optimize" in capsys.readouterr().err
+
+
 def test_onnxruntime_backend_refuses_pytorch_options(cli_onnx: CliRun, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     from dabdetr.cli import main

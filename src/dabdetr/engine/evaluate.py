@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,9 +22,13 @@ from dabdetr.data.formats import FORMAT_CHOICES, open_dataset
 from dabdetr.data.transforms import make_eval_transforms
 from dabdetr.engine.evaluator import CocoEvaluator, format_table, load_coco_gt
 from dabdetr.engine.sampling import EpochSampler
+from dabdetr.errors import UserError
 from dabdetr.io_utils import atomic_write, check_writable_target
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.postprocessing import postprocess
+
+if TYPE_CHECKING:
+    from dabdetr.runtime import OnnxDetector
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ def config_with_categories(config: DabDetrConfig, categories: CategoryMap) -> Da
 
 
 @torch.no_grad()
-def run_evaluation(model: DabDetr, dataset: CocoDetection, evaluator: CocoEvaluator,
+def run_evaluation(model: DabDetr | OnnxDetector, dataset: CocoDetection, evaluator: CocoEvaluator,
                    device: torch.device, batch_size: int = 1, num_workers: int = 0,
                    num_select: int = 300, progress: bool = True) -> dict[str, Any]:
     """Detect on every image of `dataset` (sharded over processes), then COCO-evaluate.
@@ -67,7 +71,7 @@ def run_evaluation(model: DabDetr, dataset: CocoDetection, evaluator: CocoEvalua
                            world_size=dist.get_world_size())
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=num_workers, generator=torch.Generator().manual_seed(0))
-    was_training = model.training
+    was_training = isinstance(model, torch.nn.Module) and model.training
     model.eval()
     evaluator.reset()
     for batch in tqdm(loader, desc="evaluate", unit="batch",
@@ -80,7 +84,8 @@ def run_evaluation(model: DabDetr, dataset: CocoDetection, evaluator: CocoEvalua
         results = postprocess(outputs, sizes, num_select=num_select)
         evaluator.update([t["image_id"] for t in batch.targets], results)
     evaluator.synchronize()
-    model.train(was_training)
+    if was_training:
+        model.train()
     return evaluator.evaluate()
 
 
@@ -119,18 +124,16 @@ def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: in
                      num_select: int = 300, num_workers: int = 2, out: str | None = None,
                      progress: bool = True, optimize: str = "none", format: str = "auto",
                      ann_json: str | None = None, images: str | None = None,
-                     skip_bad: bool = False) -> dict[str, Any]:
+                     skip_bad: bool = False, backend: str = "pytorch") -> dict[str, Any]:
     """Load weights, evaluate on `data`/`split`, optionally write results JSON + metrics.
     eval_size/max_size: the resize; None takes the model's own (`resolve_eval_resize`).
     optimize: one of `dabdetr.optimize.OPTIMIZE_CHOICES` (see `dabdetr.optimize.optimized`).
     format: "auto", "coco", "yolo" or "voc" (`dabdetr.data.formats`); ann_json / images: COCO
     annotation file of `split` and the folder its file names are relative to; skip_bad: leave
-    out entries with problems (`dabdetr.data.check`) instead of stopping."""
-    from dabdetr.optimize import optimized
-    from dabdetr.weights.loading import load_model
-
-    dev = dist.init_from_env(device)
-    model = optimized(load_model(weights, device=str(dev)), optimize)
+    out entries with problems (`dabdetr.data.check`) instead of stopping. backend
+    "onnxruntime": `weights` is an ONNX file from `dabdetr export`, run on the CPU in one
+    process (no `optimize`, no `device` but the CPU)."""
+    model, dev = _evaluated_model(weights, device, optimize, backend)
     reader = open_dataset(data, format, {split: ann_json}, images)
     checked = load_checked(reader, split, skip_bad)
     categories = category_map_of(model.config)
@@ -153,10 +156,33 @@ def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: in
     return metrics
 
 
+def _evaluated_model(weights: str, device: str | None, optimize: str, backend: str):
+    """(model, device): the PyTorch model (optimized as asked) or an ONNX Runtime detector."""
+    if backend == "onnxruntime":
+        if optimize != "none" or device not in (None, "cpu"):
+            raise UserError("--backend onnxruntime runs the exported graph on the CPU: drop "
+                            "--optimize and --device (they need the PyTorch model)")
+        if dist.get_world_size() > 1:
+            raise UserError("--backend onnxruntime evaluates in one process: run it without "
+                            "torchrun")
+        from dabdetr.runtime import OnnxDetector
+
+        return OnnxDetector(weights), torch.device("cpu")
+    if backend != "pytorch":
+        raise ValueError(f"unknown backend {backend!r}; choose pytorch or onnxruntime")
+    from dabdetr.optimize import optimized
+    from dabdetr.weights.loading import load_model
+
+    dev = dist.init_from_env(device)
+    return optimized(load_model(weights, device=str(dev)), optimize), dev
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="COCO box AP of weights on a COCO, YOLO or VOC dataset",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", required=True, help="any source load_model accepts")
+    p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
+                   help="onnxruntime: --weights is an ONNX file from `dabdetr export` (CPU)")
     p.add_argument("--data", default=None,
                    help="dataset folder: COCO, YOLO or Pascal VOC layout (see `train --help`)")
     p.add_argument("--split", default="val")
@@ -194,7 +220,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                args.device, args.eval_size, args.max_size, args.num_select,
                                args.num_workers, args.out, optimize=args.optimize,
                                format=args.format, ann_json=args.val_json, images=args.images,
-                               skip_bad=args.skip_bad)
+                               skip_bad=args.skip_bad, backend=args.backend)
     if dist.is_main_process():
         print(" ".join(f"{k}={metrics[k]:.4f}" for k in ("AP", "AP50", "AP75", "APs", "APm",
                                                         "APl")))
