@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_deformable.py"
 RATIO = re.compile(r"^ratio transformers/ours: [\d.]+x \(best\)", re.MULTILINE)
@@ -14,7 +19,8 @@ RATIO = re.compile(r"^ratio transformers/ours: [\d.]+x \(best\)", re.MULTILINE)
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--threads", "1", *args],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def _row_sides(stdout: str, header: str) -> list[str]:
@@ -29,20 +35,21 @@ def _row_sides(stdout: str, header: str) -> list[str]:
     return sides
 
 
-def test_tiny_inference_times_ours_and_transformers_with_memory():
-    result = _run("--memory")
+def test_tiny_inference_times_ours_and_transformers():
+    result = _run()
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("# ") and "torch" in out.splitlines()[0]  # the machine line first
     assert "inference at 128x160, batch 1" in out
-    assert _row_sides(out, "side ") == ["ours", "transformers"]
+    assert _row_sides(out, "side") == ["ours", "transformers"]
     assert RATIO.search(out), out
-    memory = out.split("peak memory of one forward")[1]
-    assert _row_sides(memory, "side") == ["ours", "transformers"], memory
+    assert re.search(r"^# matmul peak .*\d+ GFLOP/s before the rounds, \d+ after", out,
+                     re.MULTILINE), out
+    assert "peak memory" not in out  # --tiny measures no memory unless asked
 
 
-def test_tiny_training_step_of_both_sides_with_memory():
-    result = _run("--train", "--memory")
+def test_tiny_training_step_of_both_sides():
+    result = _run("--train")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "training step, batch 2 at 128x128" in out
@@ -52,10 +59,26 @@ def test_tiny_training_step_of_both_sides_with_memory():
     assert all(math.isfinite(float(v)) and float(v) > 0 for v in losses.values()), losses
     counts = dict(re.findall(r"(ours|transformers) ([\d,]+)",
                              out.split("# trainable parameters: ")[1].splitlines()[0]))
+    assert set(counts) == {"ours", "transformers"}
     assert all(int(v.replace(",", "")) > 0 for v in counts.values()), counts
+    assert _row_sides(out, "side") == ["ours", "transformers"]
     assert RATIO.search(out), out
-    memory = out.split("peak memory of one step")[1]
-    assert _row_sides(memory, "side") == ["ours", "transformers"], memory
+
+
+@pytest.mark.slow
+def test_tiny_peak_memory_per_side():
+    """Inference and training each measure every side once more in a child process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = {mode: subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--tiny", "--threads", "1", "--memory", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for mode, extra in {"forward": [], "step": ["--train"]}.items()}
+    for mode, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        memory = out.split(f"peak memory of one {mode}")[1]
+        assert "peak growth MiB" in memory.splitlines()[1], memory
+        assert _row_sides(memory, "side") == ["ours", "transformers"], memory
 
 
 def test_tiny_presets_time_both_presets_at_both_sizes():
