@@ -58,7 +58,8 @@ def authors_core(repo: Path) -> Callable:
     if not path.is_file():
         raise SystemExit(f"{repo} has no {CORE_FILE}; expected a checkout of "
                          "https://github.com/IDEA-Research/DAB-DETR")
-    if importlib.util.find_spec("MultiScaleDeformableAttention") is None:
+    if ("MultiScaleDeformableAttention" not in sys.modules
+            and importlib.util.find_spec("MultiScaleDeformableAttention") is None):
         sys.modules["MultiScaleDeformableAttention"] = types.ModuleType(
             "MultiScaleDeformableAttention")
     spec = importlib.util.spec_from_file_location("authors_ms_deform_attn_func", path)
@@ -79,12 +80,21 @@ def core_replaced(core: Callable) -> Iterator[None]:
         deformable_attention.ms_deform_attn = mine
 
 
-def transformers_model(config, device: str) -> nn.Module:
-    """transformers' DeformableDetrForObjectDetection of the same size as our `config`, random
-    weights (seeded), in eval mode on `device`; no network access."""
+def import_transformers():
+    """transformers with its Deformable DETR modules and timm (its backbone here) imported
+    (it loads both lazily), quiet."""
+    import timm  # noqa: F401
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.DeformableDetrForObjectDetection  # noqa: B018 (the lazy import)
+    return transformers
+
+
+def transformers_model(config, device: str) -> nn.Module:
+    """transformers' DeformableDetrForObjectDetection of the same size as our `config`, random
+    weights (seeded), in eval mode on `device`; no network access."""
+    transformers = import_transformers()
     theirs = transformers.DeformableDetrConfig(
         backbone=config.backbone, use_timm_backbone=True, use_pretrained_backbone=False,
         d_model=config.hidden_dim, encoder_attention_heads=config.nheads,

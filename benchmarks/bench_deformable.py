@@ -131,6 +131,9 @@ def bench_inference(args: argparse.Namespace) -> tuple[list[str], str]:
 
 
 def child_inference(args: argparse.Namespace) -> dict:
+    """Child process: one side's model size, what a warm-up forward leaves resident, and the
+    peak growth of one forward (MiB)."""
+    libraries_imported(args.child_side)
     before = _common.resident_mib(args.device)
     run = inference_side(args.child_side, args)
     model_mib = _common.resident_mib(args.device) - before
@@ -222,7 +225,10 @@ def bench_step(args: argparse.Namespace) -> tuple[list[str], str]:
 
 
 def child_step(args: argparse.Namespace) -> dict:
+    """Child process: one side's model size and the peak growth of one training step (MiB),
+    after a warm-up step."""
     batch_data = _common.make_batch(args.batch, args.size, args.device)
+    libraries_imported(args.child_side)
     before = _common.resident_mib(args.device)
     step, _ = train_side(args.child_side, args, batch_data)
     model_mib = _common.resident_mib(args.device) - before
@@ -264,6 +270,13 @@ def describe(config) -> str:
     return (f"DAB-Deformable-DETR {config.backbone}, {config.hidden_dim} wide, "
             f"{config.enc_layers}+{config.dec_layers} layers, {config.num_feature_levels} "
             f"levels, {config.num_queries} queries")
+
+
+def libraries_imported(side: str) -> None:
+    """Import what `side` needs before its model is measured, so the model's resident size
+    leaves out the libraries' code."""
+    if side == "transformers":
+        _deformable.import_transformers()
 
 
 def print_times(times: dict[str, list[float]], reps: int) -> None:
