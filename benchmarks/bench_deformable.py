@@ -52,6 +52,7 @@ PRESETS = ("dab-deformable-detr-r50", "dab-deformable-cpu-small")
 
 
 def parse_size(text: str) -> tuple[int, int]:
+    """"HxW" as (H, W) (argparse type)."""
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -60,6 +61,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_sides(text: str) -> list[int]:
+    """"400,800" as [400, 800] (argparse type)."""
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
@@ -67,6 +69,7 @@ def parse_sides(text: str) -> list[int]:
 
 
 def side_names(args: argparse.Namespace) -> list[str]:
+    """The compared sides, ours first (the ratios are taken against it)."""
     return ["ours", *([AUTHORS] if args.authors_repo else []), "transformers"]
 
 
@@ -112,6 +115,7 @@ def image(size: tuple[int, int], device: str) -> tuple[torch.Tensor, torch.Tenso
 
 
 def bench_inference(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Time one forward of every side; returns the sides and the title of their memory table."""
     h, w = args.size
     config = _deformable.model_config(args.tiny)
     print(f"# {describe(config)}, inference at {h}x{w}, batch 1, fp32, {args.device}")
@@ -206,6 +210,8 @@ def peer_adamw(model: torch.nn.Module, backbone_prefix: str) -> torch.optim.Adam
 
 
 def bench_step(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Time one training step of every side; returns the sides and the title of their memory
+    table."""
     h, w = args.size
     config = _deformable.model_config(args.tiny)
     print(f"# {describe(config)}, training step, batch {args.batch} at {h}x{w}, fp32, "
@@ -241,6 +247,7 @@ def child_step(args: argparse.Namespace) -> dict:
 # ---- presets ---------------------------------------------------------------------------------
 
 def bench_presets(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Time both presets at every size in one set of rounds; no memory table (no sides)."""
     sizes = args.preset_sizes
     print(f"# presets {', '.join(PRESETS)}: inference, batch 1, fp32, square images of side "
           f"{', '.join(map(str, sizes))} px, {args.device}; one set of interleaved rounds")
@@ -267,6 +274,7 @@ def bench_presets(args: argparse.Namespace) -> tuple[list[str], str]:
 # ---- shared ----------------------------------------------------------------------------------
 
 def describe(config) -> str:
+    """One line naming the model a DabDeformableDetrConfig describes."""
     return (f"DAB-Deformable-DETR {config.backbone}, {config.hidden_dim} wide, "
             f"{config.enc_layers}+{config.dec_layers} layers, {config.num_feature_levels} "
             f"levels, {config.num_queries} queries")
@@ -280,6 +288,7 @@ def libraries_imported(side: str) -> None:
 
 
 def print_times(times: dict[str, list[float]], reps: int) -> None:
+    """Best and median ms of every side and its ratio against ours."""
     print(f"\n## {reps} interleaved rounds")
     print(f"  {'side':<24} {'best ms':>9} {'median ms':>9}")
     for side, seconds in times.items():
@@ -301,6 +310,7 @@ def print_memory(args: argparse.Namespace, sides: list[str], title: str) -> None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, with the defaults of the chosen mode filled in."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--train", action="store_true", help="time a training step")
