@@ -65,15 +65,20 @@ def tiny_config(**overrides) -> DabDetrConfig:
 
 
 def random_model(config: DabDetrConfig, seed: int = 0) -> DabDetr:
-    """A DabDetr with random but well-scaled weights, in eval mode.
+    """A DabDetr with random but well-scaled weights (see `well_scaled`), in eval mode."""
+    torch.manual_seed(seed)
+    return well_scaled(DabDetr(config))
+
+
+def well_scaled(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` (freshly initialized, with a dabdetr `Backbone` as `model.backbone`) with
+    random but well-scaled weights, in eval mode; draws from torch's global generator.
 
     Every parameter is perturbed (so no zero-initialized layer hides a difference) and the frozen
     batch-norm statistics are calibrated on a random image, so activations stay O(1) as with
     pretrained weights (a random ResNet with identity statistics reaches values ~1e4, where
     float32 rounding alone moves the outputs by ~1e-4).
     """
-    torch.manual_seed(seed)
-    model = DabDetr(config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -98,6 +103,24 @@ def random_model(config: DabDetrConfig, seed: int = 0) -> DabDetr:
         for h in hooks:
             h.remove()
     return model.eval()
+
+
+def make_batch(batch: int, size: tuple[int, int], device: str, seed: int = 0):
+    """Images [B, 3, H, W], mask [B, H, W] (no padding) and B target dicts with normalized
+    cxcywh `boxes` and `labels` in 1..90 (COCO category ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = size
+    images = torch.randn(batch, 3, h, w, generator=gen).to(device)
+    mask = torch.zeros(batch, h, w, dtype=torch.bool, device=device)
+    targets = []
+    for i in range(batch):
+        n = 3 + 4 * i
+        centers = torch.rand(n, 2, generator=gen) * 0.6 + 0.2
+        sizes = torch.rand(n, 2, generator=gen) * 0.3 + 0.05
+        boxes = torch.cat([centers, sizes], dim=1).to(device)
+        labels = torch.randint(1, 91, (n,), generator=gen).to(device)
+        targets.append({"boxes": boxes, "labels": labels})
+    return images, mask, targets
 
 
 def export_for_transformers(model: DabDetr, directory: Path) -> Path:

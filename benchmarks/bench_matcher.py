@@ -71,7 +71,7 @@ def measure_step(tiny: bool, device: str, reps: int) -> tuple[float, float, int]
     config = _common.tiny_config() if tiny else DabDetrConfig()
     model = _common.random_model(config).to(device).train()
     size = (128, 128) if tiny else (512, 512)
-    images, mask, targets = bench_train.make_batch(2, size, device)
+    images, mask, targets = _common.make_batch(2, size, device)
     matcher = TimedMatcher(device)
     criterion = SetCriterion(config.num_classes, matcher=matcher)
     optimizer = bench_train.ours_optimizer(model)

@@ -45,24 +45,6 @@ SIDES = ("transformers", "transformers-frozen", "ours")
 LR, BACKBONE_LR, WEIGHT_DECAY, CLIP = 1e-4, 1e-5, 1e-4, 0.1
 
 
-def make_batch(batch: int, size: tuple[int, int], device: str, seed: int = 0):
-    """Images [B, 3, H, W], mask [B, H, W] (no padding) and B target dicts with normalized
-    cxcywh `boxes` and `labels` in 1..90 (COCO category ids)."""
-    gen = torch.Generator().manual_seed(seed)
-    h, w = size
-    images = torch.randn(batch, 3, h, w, generator=gen).to(device)
-    mask = torch.zeros(batch, h, w, dtype=torch.bool, device=device)
-    targets = []
-    for i in range(batch):
-        n = 3 + 4 * i
-        centers = torch.rand(n, 2, generator=gen) * 0.6 + 0.2
-        sizes = torch.rand(n, 2, generator=gen) * 0.3 + 0.05
-        boxes = torch.cat([centers, sizes], dim=1).to(device)
-        labels = torch.randint(1, 91, (n,), generator=gen).to(device)
-        targets.append({"boxes": boxes, "labels": labels})
-    return images, mask, targets
-
-
 def _recipe_adamw(model: torch.nn.Module, in_backbone, fused: bool) -> torch.optim.AdamW:
     """The recipe's AdamW for a peer's model: parameters whose name `in_backbone` accepts get
     the backbone lr. fused=False leaves the kernel to torch's default (per-parameter loop on
@@ -173,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.size or ((128, 128) if args.tiny else (512, 512))
-    batch_data = make_batch(args.batch, size, args.device)
+    batch_data = _common.make_batch(args.batch, size, args.device)
     if args.child_side:
         child_memory(args, batch_data)
         return
