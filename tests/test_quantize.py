@@ -27,10 +27,13 @@ NUM_SELECT = 10
 # the model's own eval resize, which calibration must use (not predict's 800 default)
 BASE = {"class_to_category": [2, 4, 6, 8, 10], "eval_size": 64, "eval_max_size": 96}
 NUM_CALIBRATION = 6
-# measured on this tiny random model (int8 vs fp32 on its calibration images): pred_boxes
-# differ by up to ~5e-3, logits by up to ~0.4 (random weights: activations spread widely)
-BOX_TOLERANCE = 2e-2
-LOGIT_TOLERANCE = 1.0
+# measured on this tiny random model, int8 vs fp32 on its calibration images: pred_boxes
+# differ by up to 2.1e-3, logits by up to 0.093; bounds with some margin
+BOX_TOLERANCE = 1e-2
+LOGIT_TOLERANCE = 0.3
+# random weights score every class about alike (~0.02), closer than the quantization error,
+# so the top detection is compared by its fp32 score rather than by its class
+SCORE_TOLERANCE = 1e-2
 
 
 def _write_images(folder: Path, count: int, seed: int = 0) -> Path:
@@ -97,12 +100,17 @@ def test_int8_file_is_quantized(int8: Path) -> None:
 def test_int8_outputs_close_to_fp32(fp32: Path, int8: Path, calib: Path) -> None:
     source, quantized = OnnxDetector(fp32), OnnxDetector(int8)
     for inputs in calibration_inputs(source, calib, NUM_CALIBRATION):
-        logits, boxes, scores, labels, _ = source.run(inputs)
+        logits, boxes, scores, _, _ = source.run(inputs)
         q_logits, q_boxes, q_scores, q_labels, _ = quantized.run(inputs)
         assert (q_boxes - boxes).abs().max() < BOX_TOLERANCE
         assert (q_logits - logits).abs().max() < LOGIT_TOLERANCE
         assert not torch.equal(q_logits, logits)  # it does run another graph
-        assert q_labels[0, 0] == labels[0, 0]  # the top detection's class
+        assert (q_scores - scores).abs().max() < SCORE_TOLERANCE  # the top-k scores
+        # int8's top detection (query, class) is one that fp32 also scores at the top
+        fp32_scores = logits.sigmoid().flatten()
+        top = int(q_logits.flatten().argmax())
+        assert fp32_scores[top] > fp32_scores.max() - SCORE_TOLERANCE
+        assert q_labels[0, 0] == top % logits.shape[-1]
 
 
 def test_calibration_inputs_follow_predict_preprocessing(fp32: Path, calib: Path,

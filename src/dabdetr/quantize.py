@@ -3,8 +3,9 @@
 `quantize_onnx(source, target, calibration_images)` runs onnxruntime's own static quantization
 (`onnxruntime.quantization.quantize_static`, QDQ format) on the exported graph:
 
-- `Conv`, `MatMul` and `Gemm` get int8 weights (one scale per output channel) and uint8
-  activations; every other op stays fp32;
+- by default only `Conv` (the backbone, most of the compute) gets int8 weights (one scale
+  per output channel) and uint8 activations; every other op, the transformer's `MatMul` and
+  `Gemm` included, stays fp32 (quantizing those too costs accuracy: see docs/export.md);
 - the activation ranges (min/max) come from running the fp32 graph on real images, each
   preprocessed as `dabdetr predict` preprocesses it for that model (the eval resize stored in
   the file's config, ImageNet normalization, `batch_images`), one image per batch;
@@ -32,20 +33,23 @@ from dabdetr.io_utils import atomic_path, check_writable_target
 logger = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION_IMAGES = 32
-QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+QUANTIZED_OPS = ("Conv",)
 INSTALL_HINT = "install the export extra: pip install 'dabdetr[export]'"
 
-__all__ = ["DEFAULT_CALIBRATION_IMAGES", "calibration_inputs", "quantize_onnx"]
+__all__ = ["DEFAULT_CALIBRATION_IMAGES", "QUANTIZED_OPS", "calibration_inputs", "quantize_onnx"]
 
 
 def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike,
                   calibration_images: str | os.PathLike | Sequence[str | os.PathLike],
-                  num_images: int = DEFAULT_CALIBRATION_IMAGES, overwrite: bool = False) -> Path:
+                  num_images: int = DEFAULT_CALIBRATION_IMAGES, overwrite: bool = False,
+                  op_types: Sequence[str] = QUANTIZED_OPS) -> Path:
     """Write a static int8 (QDQ) quantization of the dabdetr ONNX file `source` to `target`.
 
     `calibration_images`: a folder (searched recursively) or image files; `num_images` of them,
     spread evenly over the sorted list, calibrate the activation ranges (unreadable ones are
-    skipped with a warning). An existing `target` is replaced only with `overwrite=True`.
+    skipped with a warning). `op_types`: the ONNX op types to quantize (e.g. add "MatMul",
+    "Gemm" for the transformer's linear layers). An existing `target` is replaced only with
+    `overwrite=True`.
     Returns the path of `target`.
 
     Raises UserError (no onnxruntime, no readable calibration image, `num_images` < 1),
@@ -53,6 +57,8 @@ def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike,
     """
     if num_images < 1:
         raise UserError(f"num_images is {num_images}; calibrate on at least one image")
+    if not op_types:
+        raise UserError("op_types is empty; name the ONNX op types to quantize, e.g. ['Conv']")
     target = Path(target)
     check_writable_target(target, overwrite)
     try:
@@ -73,7 +79,7 @@ def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike,
         quantize_static(str(prepared), str(quantized), _CalibrationReader(inputs),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        op_types_to_quantize=list(QUANTIZED_OPS))
+                        op_types_to_quantize=list(op_types))
         model = onnx.load(str(quantized))
     _copy_metadata(onnx.load(str(source), load_external_data=False), model)
     with atomic_path(target) as tmp_target:
