@@ -3,7 +3,7 @@
 `quantize_onnx(source, target, calibration_images)` runs onnxruntime's own static quantization
 (`onnxruntime.quantization.quantize_static`, QDQ format) on the exported graph:
 
-- by default only `Conv` (the backbone, most of the compute) gets int8 weights (one scale
+- by default only `Conv` (the backbone) gets int8 weights (one scale
   per output channel) and uint8 activations; every other op, the transformer's `MatMul` and
   `Gemm` included, stays fp32 (quantizing those too costs accuracy: see docs/export.md);
 - the activation ranges (min/max) come from running the fp32 graph on real images, each
