@@ -194,6 +194,11 @@ def test_cli_int8_refuses_exported_program(calib: Path, tmp_path: Path,
     code, _, err = _run_cli(["export", "--weights", str(tmp_path / "unused"), "--int8",
                              str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.onnx")], capsys)
     assert code == 2 and "nowhere" in err
+    empty = calib.parent / "empty_for_cli"
+    empty.mkdir()
+    code, _, err = _run_cli(["export", "--weights", str(tmp_path / "unused"), "--int8",
+                             str(empty), "--out", str(tmp_path / "m.onnx")], capsys)
+    assert code == 2 and "no images found" in err
     assert not list(tmp_path.iterdir())
 
 

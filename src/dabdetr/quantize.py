@@ -22,6 +22,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +31,17 @@ from torch import Tensor
 from dabdetr.errors import BadImageError, UserError
 from dabdetr.io_utils import atomic_path, check_writable_target
 
+if TYPE_CHECKING:
+    from dabdetr.runtime import OnnxDetector
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION_IMAGES = 32
 QUANTIZED_OPS = ("Conv",)
 INSTALL_HINT = "install the export extra: pip install 'dabdetr[export]'"
 
-__all__ = ["DEFAULT_CALIBRATION_IMAGES", "QUANTIZED_OPS", "calibration_inputs", "quantize_onnx"]
+__all__ = ["DEFAULT_CALIBRATION_IMAGES", "QUANTIZED_OPS", "calibration_files", "calibration_inputs",
+           "check_available", "quantize_onnx"]
 
 
 def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike,
@@ -61,15 +66,13 @@ def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike,
         raise UserError("op_types is empty; name the ONNX op types to quantize, e.g. ['Conv']")
     target = Path(target)
     check_writable_target(target, overwrite)
-    try:
-        import onnx
-        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
+    check_available()
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        from dabdetr.runtime import OnnxDetector
-    except ImportError as err:
-        raise UserError(f"int8 quantization needs onnx and onnxruntime ({err}); "
-                        f"{INSTALL_HINT}") from None
+    from dabdetr.runtime import OnnxDetector
+
     detector = OnnxDetector(source)
     inputs = calibration_inputs(detector, calibration_images, num_images)
     with tempfile.TemporaryDirectory(prefix="dabdetr-int8-") as tmp:
@@ -87,7 +90,17 @@ def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike,
     return target
 
 
-def calibration_inputs(detector, images: str | os.PathLike | Sequence[str | os.PathLike],
+def check_available() -> None:
+    """Raise UserError naming the fix if onnx or onnxruntime's quantization cannot be imported."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"int8 quantization needs onnx and onnxruntime ({err}); "
+                        f"{INSTALL_HINT}") from None
+
+
+def calibration_inputs(detector: OnnxDetector, images: str | os.PathLike | Sequence[str | os.PathLike],
                        num_images: int) -> list[dict[str, Tensor]]:
     """The graph inputs of `detector` (a `dabdetr.runtime.OnnxDetector`) for up to `num_images`
     readable images: per image `images` [1, 3, H, W] float32, `mask` [1, H, W] bool and, for a
@@ -100,7 +113,7 @@ def calibration_inputs(detector, images: str | os.PathLike | Sequence[str | os.P
     transform = Predictor(detector).transform
     static = _static_size(detector)
     inputs = []
-    for path in _pick_files(images, num_images):
+    for path in calibration_files(images, num_images):
         try:
             img = load_image_rgb(path)
         except BadImageError as err:
@@ -126,8 +139,10 @@ def _shown(images: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
     return str(images) if isinstance(images, (str, os.PathLike)) else ", ".join(map(str, images))
 
 
-def _pick_files(images: str | os.PathLike | Sequence[str | os.PathLike], count: int) -> list[Path]:
-    """`count` image files spread evenly over the sorted images of `images`."""
+def calibration_files(images: str | os.PathLike | Sequence[str | os.PathLike],
+                      count: int) -> list[Path]:
+    """`count` image files spread evenly over the sorted images of `images` (a folder, searched
+    recursively, or files); UserError if a path is missing or no image is found."""
     from dabdetr.inference import find_images
 
     paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
@@ -143,7 +158,7 @@ def _pick_files(images: str | os.PathLike | Sequence[str | os.PathLike], count: 
     return [files[i * len(files) // count] for i in range(count)]
 
 
-def _static_size(detector) -> tuple[int, int] | None:
+def _static_size(detector: OnnxDetector) -> tuple[int, int] | None:
     """(H, W) of a graph exported with a static image size, else None."""
     shape = detector.runner.get_inputs()[detector.input_names.index("images")].shape
     height, width = shape[2], shape[3]

@@ -31,16 +31,16 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
     from dabdetr.config import parse_overrides
     from dabdetr.export import check_parity, export_onnx
     from dabdetr.io_utils import check_writable_target
-    from dabdetr.quantize import quantize_onnx
+    from dabdetr.quantize import calibration_files, check_available, quantize_onnx
     from dabdetr.runtime import OnnxDetector
     from dabdetr.weights.loading import load_model
 
     if args.format != "onnx":
         raise UserError(f"--int8 quantizes an ONNX file; it does not apply to --format "
                         f"{args.format}: use --format onnx or drop --int8")
-    if not Path(args.int8).exists():
-        raise UserError(f"--int8 {args.int8}: no such folder; give a folder of calibration images")
+    calibration_files(args.int8, args.calibration_images)  # no images: say so before exporting
     check_writable_target(args.out, args.force)  # before the minutes an export can take
+    check_available()
     model = load_model(args.weights, **parse_overrides(args.set)).eval()
     options = dict(postprocess=args.postprocess, num_select=args.num_select,
                    static_size=args.static)
