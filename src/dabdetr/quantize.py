@@ -68,26 +68,33 @@ def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike,
     check_writable_target(target, overwrite)
     check_available()
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from dabdetr.runtime import OnnxDetector
 
-    detector = OnnxDetector(source)
-    inputs = calibration_inputs(detector, calibration_images, num_images)
+    inputs = calibration_inputs(OnnxDetector(source), calibration_images, num_images)
+    model = _quantize_static(Path(source), inputs, op_types)
+    _copy_metadata(onnx.load(str(source), load_external_data=False), model)
+    with atomic_path(target) as tmp_target:
+        onnx.save(model, str(tmp_target))
+    return target
+
+
+def _quantize_static(source: Path, inputs: list[dict[str, Tensor]], op_types: Sequence[str]):
+    """onnxruntime's pre-processing and QDQ static quantization of `source`, calibrated (min/max)
+    on `inputs`; returns the quantized onnx ModelProto."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     with tempfile.TemporaryDirectory(prefix="dabdetr-int8-") as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
-        # symbolic shape inference is for transformer graphs with custom ops; onnx's own suffices
+        # onnx shape inference and graph optimization; the symbolic shape pass is skipped
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(quantized), _CalibrationReader(inputs),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                         op_types_to_quantize=list(op_types))
-        model = onnx.load(str(quantized))
-    _copy_metadata(onnx.load(str(source), load_external_data=False), model)
-    with atomic_path(target) as tmp_target:
-        onnx.save(model, str(tmp_target))
-    return target
+        return onnx.load(str(quantized))
 
 
 def check_available() -> None:
