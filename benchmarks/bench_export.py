@@ -2,18 +2,23 @@
 
 Builds a DAB-DETR-R50 with random, well-scaled weights (`_common.random_model`), writes it as a
 Hugging Face directory (for transformers) and exports it with `dabdetr.export_onnx` (dynamic
-batch, height and width), plus a dynamic int8 quantization of that file
-(`onnxruntime.quantization.quantize_dynamic`, weights int8, activations quantized per call).
+batch, height and width), plus two int8 versions of that file: `dabdetr.quantize.quantize_onnx`
+(static, what `dabdetr export --int8` writes; here the random-weight model is calibrated on
+`CALIBRATION_IMAGES` random-noise images of the first case's size, which is enough for timing
+but says nothing about accuracy) and onnxruntime's dynamic quantization
+(`quantize_dynamic`, weights int8, activations quantized per call).
 Then per case (default: batch 1 at 800x1088, batch 4 at 640x640), interleaved rounds of
 
 - transformers: DabDetrForObjectDetection (the reference);
 - ours: the plain PyTorch model; ours-fused: `optimize_for_inference` (`--optimize fused`);
-- ort-fp32: onnxruntime's CPU execution provider on the fp32 file; ort-int8: on the int8 file;
+- ort-fp32: onnxruntime's CPU execution provider on the fp32 file; ort-int8: on the static int8
+  file; ort-int8-dynamic: on the dynamic int8 file;
 
 with ms/img, achieved GFLOP/s against a 2048^2 matmul measured in the same run, the max abs
 difference of logits and boxes to ours, paired ratios, and peak memory per side in fresh child
 processes. Random weights have no AP: `--ap-weights W --ap-data DIR` instead evaluates trained
-weights eager, as an fp32 ONNX file and as its int8 quantization on a dataset.
+weights eager, as an fp32 ONNX file and as its static int8 quantization (calibrated on
+`--ap-calibration` images of the dataset's train split) on a dataset.
 
 `--folder N` instead predicts a folder of N small generated images with `dabdetr predict`'s
 streaming path and prints the peak resident memory after 1/10 of them and after all (flat
@@ -42,7 +47,8 @@ import _common  # noqa: E402
 
 from dabdetr import DabDetrConfig  # noqa: E402
 
-SIDES = ("transformers", "ours", "ours-fused", "ort-fp32", "ort-int8")
+SIDES = ("transformers", "ours", "ours-fused", "ort-fp32", "ort-int8", "ort-int8-dynamic")
+CALIBRATION_IMAGES = 2
 
 
 def parse_case(text: str) -> tuple[int, int, int]:
@@ -86,8 +92,9 @@ def build_side(side: str, folder: Path, threads: int):
     return run
 
 
-def write_files(config: DabDetrConfig, folder: Path, int8: bool) -> None:
-    """hf/ (the weights), fp32.onnx and, with `int8`, int8.onnx in `folder`."""
+def write_files(config: DabDetrConfig, folder: Path, int8: bool, size: tuple[int, int]) -> None:
+    """hf/ (the weights), fp32.onnx and, with `int8`, int8.onnx (static, calibrated on random
+    images of `size` (H, W)) and int8-dynamic.onnx in `folder`."""
     import dabdetr
     from dabdetr.export import export_onnx
 
@@ -95,28 +102,49 @@ def write_files(config: DabDetrConfig, folder: Path, int8: bool) -> None:
     _common.export_for_transformers(model, folder / "hf")
     export_onnx(dabdetr.load_model(folder / "hf"), folder / "fp32.onnx")
     if int8:
-        quantize_int8(folder / "fp32.onnx", folder / "int8.onnx")
+        quantize_static_random(folder / "fp32.onnx", folder / "int8.onnx", folder / "calib", size)
+        quantize_dynamic_int8(folder / "fp32.onnx", folder / "int8-dynamic.onnx")
 
 
-def quantize_int8(source: Path, target: Path) -> None:
+def quantize_static_random(source: Path, target: Path, images: Path,
+                           size: tuple[int, int]) -> None:
+    """`dabdetr.quantize.quantize_onnx` calibrated on CALIBRATION_IMAGES random-noise images of
+    `size` (H, W), written to the folder `images`, so the graph runs at the timed size."""
+    import numpy as np
+    from PIL import Image
+
+    from dabdetr.quantize import quantize_onnx
+
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(CALIBRATION_IMAGES):
+        pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    quantize_onnx(source, target, images, num_images=CALIBRATION_IMAGES)
+
+
+def quantize_dynamic_int8(source: Path, target: Path) -> None:
     """onnxruntime's dynamic quantization: int8 weights, activations quantized per call."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(source, target, weight_type=QuantType.QInt8)
 
 
-def ap_change(weights: str, data: str, split: str) -> None:
+def ap_change(weights: str, data: str, split: str, calibration: int) -> None:
     """COCO AP of a trained detector in PyTorch, as an fp32 ONNX export and as that file's
-    dynamic int8 quantization, on one split of a dataset (`dabdetr evaluate` for each)."""
+    static int8 quantization (`calibration` images of the train split), on one split of a
+    dataset (`dabdetr evaluate` for each)."""
     import dabdetr
     from dabdetr.engine.evaluate import evaluate_weights
     from dabdetr.export import export_onnx
+    from dabdetr.quantize import quantize_onnx
 
-    print(f"# AP of {weights} on {data} ({split}), eager vs ONNX Runtime fp32 vs int8")
+    print(f"# AP of {weights} on {data} ({split}), eager vs ONNX Runtime fp32 vs static int8 "
+          f"({calibration} calibration images of {data}/train)")
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         export_onnx(dabdetr.load_model(weights), fp32)
-        quantize_int8(fp32, int8)
+        quantize_onnx(fp32, int8, Path(data) / "train", num_images=calibration)
         sides = {"ours": (weights, "pytorch"), "ort-fp32": (str(fp32), "onnxruntime"),
                  "ort-int8": (str(int8), "onnxruntime")}
         metrics = {side: evaluate_weights(path, data, split, device="cpu", num_workers=0,
@@ -229,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads")
     parser.add_argument("--device", choices=["cpu"], default="cpu",
                         help="CPU only (onnxruntime's CPU execution provider)")
-    parser.add_argument("--no-int8", action="store_true", help="skip the int8 ONNX side")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 ONNX sides")
     parser.add_argument("--folder", type=int, default=0, metavar="N",
                         help="instead: predict N generated images, peak RSS at N/10 and N")
     parser.add_argument("--workers", type=int, default=2, help="--folder decoding workers")
@@ -238,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
                              "--ap-data (e.g. the demo's model/ and data/)")
     parser.add_argument("--ap-data", default=None, metavar="DIR", help="dataset for --ap-weights")
     parser.add_argument("--ap-split", default="val", help="split for --ap-weights")
+    parser.add_argument("--ap-calibration", type=int, default=32, metavar="N",
+                        help="--ap-weights: calibrate the int8 file on N images of DIR/train")
     _common.add_child_arguments(parser, tiny_size="1x128x160")
     args = parser.parse_args(argv)
     threads = args.threads or torch.get_num_threads()
@@ -252,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.ap_weights:
         if not args.ap_data:
             parser.error("--ap-weights needs --ap-data")
-        ap_change(args.ap_weights, args.ap_data, args.ap_split)
+        ap_change(args.ap_weights, args.ap_data, args.ap_split, args.ap_calibration)
         return
     if args.folder:
         folder_memory(args.folder, config, args.workers, 64 if args.tiny else 800)
@@ -260,15 +290,15 @@ def main(argv: list[str] | None = None) -> None:
     warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 2)
     reps = args.reps if args.reps is not None else (1 if args.tiny else 5)
     memory = args.memory if args.memory is not None else not args.tiny
-    sides = [s for s in SIDES if not (args.no_int8 and s == "ort-int8")]
-    print(f"# {'tiny R18' if args.tiny else 'DAB-DETR-R50'} inference, fp32 (ort-int8: dynamic "
-          f"int8), cpu, {threads} threads")
+    sides = [s for s in SIDES if not (args.no_int8 and s.startswith("ort-int8"))]
+    print(f"# {'tiny R18' if args.tiny else 'DAB-DETR-R50'} inference, fp32 (ort-int8: static "
+          f"int8 of the convolutions, ort-int8-dynamic: dynamic int8), cpu, {threads} threads")
     print(f"# {_common.machine_info('cpu')}")
     peak = _common.matmul_peak_gflops("cpu")
     print(f"# matmul peak (2048^2 fp32): {peak:.0f} GFLOP/s")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        write_files(config, folder, "ort-int8" in sides)
+        write_files(config, folder, "ort-int8" in sides, args.cases[0][1:])
         runs = {side: build_side(side, folder, threads) for side in sides}
         for case in args.cases:
             bench_case(runs, folder, case, warmup, reps, peak, memory, threads)

@@ -7,6 +7,7 @@ import sys
 
 from dabdetr.argtypes import positive_int
 from dabdetr.export import DEFAULT_NUM_SELECT, DEFAULT_OPSET, PARITY_TOLERANCE
+from dabdetr.quantize_cli import add_int8_arguments, cmd_export_int8
 
 FORMATS = ("onnx", "exported-program")
 
@@ -29,6 +30,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides when loading the weights, e.g. dilation=true")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    add_int8_arguments(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -40,6 +42,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dabdetr.io_utils import check_writable_target
     from dabdetr.weights.loading import load_model
 
+    if args.int8 is not None:
+        return cmd_export_int8(args)
     check_writable_target(args.out, args.force)  # before the minutes an export can take
     model = load_model(args.weights, **parse_overrides(args.set)).eval()
     options = dict(postprocess=args.postprocess, num_select=args.num_select,
