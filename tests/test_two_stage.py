@@ -187,7 +187,8 @@ def test_deformable_encoder_loss_is_class_agnostic():
 
     agnostic = SetCriterion(3, enc_class_agnostic=True)(out, targets)
     torch.testing.assert_close(agnostic["loss_ce_enc"], expected(0), atol=1e-6, rtol=1e-6)
-    assert agnostic["loss_bbox_enc"] == 0 and abs(agnostic["loss_giou_enc"]) < 1e-6
+    # the cell on the target is the match (1 - GIoU is off zero only by torchvision's eps)
+    assert agnostic["loss_bbox_enc"] == 0 and abs(agnostic["loss_giou_enc"]) < 1e-5
     assert torch.equal(targets[0]["labels"], torch.tensor([2]))  # targets not modified
     aware = SetCriterion(3)(out, targets)
     torch.testing.assert_close(aware["loss_ce_enc"], expected(2), atol=1e-6, rtol=1e-6)

@@ -161,8 +161,8 @@ def parity_inputs(batch: int, height: int, width: int, valid: Sequence[tuple[int
 
 def _example_inputs(graph: DetectorGraph, static_size: tuple[int, int] | None) -> dict[str, Tensor]:
     """Tracing inputs: a padded batch of two, at the static size or a size no dim equals."""
-    height, width = static_size if static_size is not None else (5 * graph.model.backbone.stride + 3,
-                                                                 7 * graph.model.backbone.stride + 5)
+    stride = coarsest_stride(graph.model)
+    height, width = static_size if static_size is not None else (5 * stride + 3, 7 * stride + 5)
     inputs = parity_inputs(2, height, width, [(height, width), (height * 3 // 4, width * 2 // 3)],
                            postprocess=graph.num_select is not None)
     device = next(graph.model.parameters()).device
