@@ -108,7 +108,7 @@ class DetectorGraph(nn.Module):
         return out.pred_logits, out.pred_boxes, scores, labels, boxes
 
 
-def coarsest_stride(model: Detector) -> int:
+def _coarsest_stride(model: Detector) -> int:
     """Image pixels per cell of the model's coarsest feature map: the backbone's output stride,
     doubled by each extra (strided 3x3 conv) level of a deformable model."""
     if isinstance(model, DabDeformableDetr):
@@ -122,7 +122,7 @@ def _dynamic_shapes(graph: DetectorGraph, static_size: tuple[int, int] | None) -
     if static_size is None:
         # Feature maps of one cell in a dimension are traced as a special case (size-1
         # broadcasting), so a dynamic side starts at two cells of the coarsest level.
-        stride = coarsest_stride(graph.model)
+        stride = _coarsest_stride(graph.model)
         largest = None  # the learned position embedding has a table of cells per side
         position = graph.model.position_embedding
         if isinstance(position, PositionEmbeddingLearned):
@@ -161,7 +161,7 @@ def parity_inputs(batch: int, height: int, width: int, valid: Sequence[tuple[int
 
 def _example_inputs(graph: DetectorGraph, static_size: tuple[int, int] | None) -> dict[str, Tensor]:
     """Tracing inputs: a padded batch of two, at the static size or a size no dim equals."""
-    stride = coarsest_stride(graph.model)
+    stride = _coarsest_stride(graph.model)
     height, width = static_size if static_size is not None else (5 * stride + 3, 7 * stride + 5)
     inputs = parity_inputs(2, height, width, [(height, width), (height * 3 // 4, width * 2 // 3)],
                            postprocess=graph.num_select is not None)

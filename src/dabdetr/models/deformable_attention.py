@@ -160,7 +160,7 @@ class MSDeformAttn(nn.Module):
 def _per_cell(offsets: Tensor, sizes: Sequence[tuple[int, int]]) -> Tensor:
     """Offsets [B, Nq, M, L, P, 2] (x, y) in cells of each level -> in units of each level's
     width and height: divided by (W_l, H_l). Divided by the sizes themselves, not by a tensor
-    made of them, so that symbolic sizes stay symbolic under torch.export."""
+    made of them: under torch.export that tensor would fix the sizes to the traced example's."""
     levels = [torch.stack([offsets[:, :, :, lvl, :, 0] / width,
                            offsets[:, :, :, lvl, :, 1] / height], -1)
               for lvl, (height, width) in enumerate(sizes)]

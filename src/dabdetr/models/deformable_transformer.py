@@ -31,8 +31,8 @@ class MultiScaleInput:
     level starts in S; valid_ratios: [B, L, 2] float (valid width / W_l, valid height / H_l).
 
     The sizes are Python ints taken from the feature maps' shapes, not tensors: under
-    torch.export they stay symbolic, where reading them back from a tensor's values would be
-    data-dependent.
+    torch.export they stay symbolic, where `torch.as_tensor` of them fixes height and width to
+    the traced example's (export refuses: "specialized to a constant").
     """
 
     src: Tensor
