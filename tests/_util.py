@@ -10,9 +10,9 @@ from types import ModuleType
 import pytest
 import torch
 
-import dabdetr
 from dabdetr.config import DabDetrConfig
 from dabdetr.engine.config import TrainConfig
+from dabdetr.model_types import ModelConfig, build_model
 
 
 def in_ci() -> bool:
@@ -37,10 +37,11 @@ def tiny_config(**overrides) -> DabDetrConfig:
     return DabDetrConfig(**values)
 
 
-def perturbed_model(config: DabDetrConfig) -> dabdetr.DabDetr:
-    """A model in eval mode whose every weight is perturbed (no zero-initialized layer hides a
-    difference) and whose frozen batch-norm statistics are non-trivial."""
-    model = dabdetr.DabDetr(config).eval()
+def perturbed_model(config: ModelConfig) -> torch.nn.Module:
+    """A model of the config's family (DabDetr or DabDeformableDetr) in eval mode whose every
+    weight is perturbed (no zero-initialized layer hides a difference) and whose frozen
+    batch-norm statistics are non-trivial."""
+    model = build_model(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)

@@ -55,6 +55,7 @@ def test_resume_continues_exactly(data_dir, tmp_path):
                         model_overrides=TINY, max_steps=steps, deterministic=True)
 
     full = Trainer(cfg("full", 3))
+    assert full.criterion.enc_class_agnostic  # the family's rule for two-stage proposals
     full.fit()
     Trainer(cfg("split", 1)).fit()
     resumed = Trainer(cfg("split", 3), resume=str(tmp_path / "split" / "last.pt"))

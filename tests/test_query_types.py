@@ -203,3 +203,22 @@ def test_query_types_train_and_evaluate_through_the_engine(query_type, tmp_path)
     assert summary["last"]["AP50"] is not None
     reloaded = dabdetr.load_model(tmp_path / "run" / "last.pt")
     assert reloaded.config.query_type == query_type
+
+
+# one dynamo export each (tens of seconds on 2 cores): "detr" (no anchors at all) with the fast
+# tests, "anchor2d" with the slow ones; "dab" is the export tests' base model
+@pytest.mark.parametrize("query_type", ["detr", pytest.param("anchor2d", marks=pytest.mark.slow)])
+def test_query_type_exports_to_onnx(query_type, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the export extra (pip install dabdetr[export])")
+    from dabdetr.export import PARITY_TOLERANCE, check_parity, export_onnx
+    from dabdetr.runtime import OnnxDetector
+
+    torch.manual_seed(0)
+    model = perturbed_model(tiny_config(query_type=query_type, num_patterns=2))
+    path = export_onnx(model, tmp_path / "m.onnx", postprocess=True, num_select=10)
+    detector = OnnxDetector(path)
+    assert detector.config == model.config and detector.config.query_type == query_type
+    # a padded batch of two, and one unpadded image of another size
+    reports = check_parity(model, detector.run, postprocess=True, num_select=10)
+    assert len(reports) == 2
+    assert max(max(r.values()) for r in reports) <= PARITY_TOLERANCE, reports

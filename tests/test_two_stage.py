@@ -175,3 +175,43 @@ def test_layer2_output_refuses_dilation():
 
     with pytest.raises(ValueError, match="cannot be used with layer2"):  # built directly
         Backbone("resnet18", dilation=True, return_layer="layer2")
+
+
+def test_deformable_encoder_loss_is_class_agnostic():
+    """DAB-Deformable-DETR's proposals are ranked by class 0 alone, so (as the authors'
+    criterion) their loss matches and classifies every target as class 0; DAB-DETR's own
+    selection ranks by the best class and keeps the labels. Values against the focal loss
+    of explicit one-hot targets."""
+    from torchvision.ops import sigmoid_focal_loss
+
+    from dabdetr.config import DabDeformableDetrConfig, DabDetrConfig
+    from dabdetr.model_types import class_agnostic_proposals
+    from dabdetr.models.outputs import DetectionOutput
+
+    assert class_agnostic_proposals(DabDeformableDetrConfig())
+    assert not class_agnostic_proposals(DabDetrConfig())
+    generator = torch.Generator().manual_seed(0)
+    target_box = torch.tensor([0.3, 0.4, 0.2, 0.3])
+    targets = [{"boxes": target_box[None], "labels": torch.tensor([2])}]
+    # three cells; cell 1 sits exactly on the target, the others far from it
+    cell_boxes = torch.tensor([[[0.8, 0.8, 0.1, 0.1], target_box.tolist(), [0.9, 0.1, 0.1, 0.1]]])
+    cell_logits = torch.randn(1, 3, 3, generator=generator)
+    out = DetectionOutput(torch.randn(1, 2, 3, generator=generator),
+                          torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]]]),
+                          enc_outputs=DetectionOutput(cell_logits, cell_boxes))
+
+    def expected(label: int) -> torch.Tensor:
+        onehot = torch.zeros_like(cell_logits)
+        onehot[0, 1, label] = 1.0
+        return sigmoid_focal_loss(cell_logits, onehot, reduction="sum")  # / 1 box
+
+    agnostic = SetCriterion(3, enc_class_agnostic=True)(out, targets)
+    torch.testing.assert_close(agnostic["loss_ce_enc"], expected(0), atol=1e-6, rtol=1e-6)
+    # the cell on the target is the match (1 - GIoU is off zero only by torchvision's eps)
+    assert agnostic["loss_bbox_enc"] == 0 and abs(agnostic["loss_giou_enc"]) < 1e-5
+    assert torch.equal(targets[0]["labels"], torch.tensor([2]))  # targets not modified
+    aware = SetCriterion(3)(out, targets)
+    torch.testing.assert_close(aware["loss_ce_enc"], expected(2), atol=1e-6, rtol=1e-6)
+    assert abs(float(expected(0) - expected(2))) > 1e-2  # the two rules are told apart
+    # the decoder layers keep the real labels either way
+    torch.testing.assert_close(agnostic["loss_ce"], aware["loss_ce"], atol=0, rtol=0)

@@ -1,6 +1,7 @@
 """Export to ONNX and to torch.export's ExportedProgram, with a parity check against eager.
 
-The exported graph is a tensor-in/tensor-out view of `DabDetr` in eval mode:
+The exported graph is a tensor-in/tensor-out view of a `DabDetr` or a `DabDeformableDetr` in
+eval mode:
 
 - inputs `images` float32 [B, 3, H, W] (ImageNet-normalized, zero-padded bottom/right, as
   `dabdetr.batch_images` returns them) and `mask` bool [B, H, W] (True on padding); B, H and W
@@ -14,9 +15,10 @@ The exported graph is a tensor-in/tensor-out view of `DabDetr` in eval mode:
 
 Both exporters are torch's own: `torch.export.export` traces the model (non-strict), and the ONNX
 file is `torch.onnx.export` (the dynamo exporter) of that ExportedProgram, checked with
-`onnx.checker`. The model's config travels with the file (ONNX metadata `dabdetr.config`, the
-ExportedProgram's extra file `config.json`), so class names and category ids are known at
-inference (`dabdetr.runtime.OnnxDetector`).
+`onnx.checker`. The model's type and config travel with the file (ONNX metadata
+`dabdetr.model_type` and `dabdetr.config`; the ExportedProgram's extra file `config.json`,
+`{"model_type": ..., "config": {...}}`), so the model family, class names and category ids are
+known at inference (`dabdetr.runtime.OnnxDetector`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from torch.export import Dim, ExportedProgram
 from dabdetr.config import DabDetrConfig
 from dabdetr.errors import UserError
 from dabdetr.io_utils import atomic_path, check_writable_target
+from dabdetr.model_types import DEFAULT_MODEL_TYPE, ModelConfig, config_from_dict, model_type_of
+from dabdetr.models.dab_deformable_detr import DabDeformableDetr
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.models.position_encoding import PositionEmbeddingLearned
 from dabdetr.postprocessing import top_detections
@@ -43,6 +47,7 @@ PARITY_TOLERANCE = 1e-4
 RAW_OUTPUTS = ("pred_logits", "pred_boxes")
 POSTPROCESS_OUTPUTS = ("scores", "labels", "boxes")
 CONFIG_KEY = "dabdetr.config"
+MODEL_TYPE_KEY = "dabdetr.model_type"
 NUM_SELECT_KEY = "dabdetr.num_select"
 PROGRAM_CONFIG_FILE = "config.json"
 
@@ -50,15 +55,17 @@ __all__ = ["DEFAULT_OPSET", "DetectorGraph", "check_exportable", "export_onnx", 
            "parity_inputs", "max_abs_differences", "load_program", "program_to_onnx",
            "save_program"]
 
+Detector = DabDetr | DabDeformableDetr
 
-def check_exportable(config: DabDetrConfig) -> None:
+
+def check_exportable(config: ModelConfig) -> None:
     """Raise UserError naming each model option the exported graph cannot represent.
 
     `pad_invariant=True` runs the backbone once per distinct image size in the batch, a grouping
     read from the mask's values, which neither exporter can trace into one graph. Denoising
     queries (`dn_groups`) are training-only: the exported inference graph never has them.
     """
-    if config.pad_invariant:
+    if isinstance(config, DabDetrConfig) and config.pad_invariant:
         raise UserError(
             "pad_invariant=True cannot be exported: the backbone runs once per distinct image "
             "size in the batch, a grouping read from the mask's values. Load the weights with "
@@ -67,7 +74,8 @@ def check_exportable(config: DabDetrConfig) -> None:
 
 
 class DetectorGraph(nn.Module):
-    """`DabDetr` as tensors in, tuple of tensors out (the export's signature).
+    """`DabDetr` or `DabDeformableDetr` as tensors in, tuple of tensors out (the export's
+    signature).
 
     forward(images [B, 3, H, W] float32, mask [B, H, W] bool) -> (pred_logits [B, Q, C],
     pred_boxes [B, Q, 4] normalized cxcywh). With `num_select` set, forward also takes
@@ -75,7 +83,7 @@ class DetectorGraph(nn.Module):
     boxes [B, K, 4] absolute xyxy (see `dabdetr.postprocessing.top_detections`).
     """
 
-    def __init__(self, model: DabDetr, num_select: int | None = None):
+    def __init__(self, model: Detector, num_select: int | None = None):
         super().__init__()
         self.model = model
         self.num_select = num_select
@@ -100,16 +108,25 @@ class DetectorGraph(nn.Module):
         return out.pred_logits, out.pred_boxes, scores, labels, boxes
 
 
+def _coarsest_stride(model: Detector) -> int:
+    """Image pixels per cell of the model's coarsest feature map: the backbone's output stride,
+    doubled by each extra (strided 3x3 conv) level of a deformable model."""
+    if isinstance(model, DabDeformableDetr):
+        return model.backbone.stride * 2 ** (len(model.input_proj) - len(model.stages))
+    return model.backbone.stride
+
+
 def _dynamic_shapes(graph: DetectorGraph, static_size: tuple[int, int] | None) -> dict:
     """torch.export dims: batch always dynamic; height and width unless `static_size`."""
     batch = Dim("batch", min=1)
     if static_size is None:
         # Feature maps of one cell in a dimension are traced as a special case (size-1
-        # broadcasting), so a dynamic side starts at two cells: stride + 1 pixels.
-        stride = graph.model.backbone.stride
+        # broadcasting), so a dynamic side starts at two cells of the coarsest level.
+        stride = _coarsest_stride(graph.model)
         largest = None  # the learned position embedding has a table of cells per side
-        if isinstance(graph.model.position_embedding, PositionEmbeddingLearned):
-            largest = graph.model.position_embedding.row_embed.num_embeddings * stride
+        position = graph.model.position_embedding
+        if isinstance(position, PositionEmbeddingLearned):
+            largest = position.row_embed.num_embeddings * graph.model.backbone.stride
         height = Dim("height", min=stride + 1, max=largest)
         width = Dim("width", min=stride + 1, max=largest)
         image_dims: dict = {0: batch, 2: height, 3: width}
@@ -144,8 +161,8 @@ def parity_inputs(batch: int, height: int, width: int, valid: Sequence[tuple[int
 
 def _example_inputs(graph: DetectorGraph, static_size: tuple[int, int] | None) -> dict[str, Tensor]:
     """Tracing inputs: a padded batch of two, at the static size or a size no dim equals."""
-    height, width = static_size if static_size is not None else (5 * graph.model.backbone.stride + 3,
-                                                                 7 * graph.model.backbone.stride + 5)
+    stride = _coarsest_stride(graph.model)
+    height, width = static_size if static_size is not None else (5 * stride + 3, 7 * stride + 5)
     inputs = parity_inputs(2, height, width, [(height, width), (height * 3 // 4, width * 2 // 3)],
                            postprocess=graph.num_select is not None)
     device = next(graph.model.parameters()).device
@@ -161,21 +178,23 @@ def _check_static_size(static_size: Sequence[int] | None) -> tuple[int, int] | N
     return size  # type: ignore[return-value]
 
 
-def export_program(model: DabDetr, *, postprocess: bool = False,
+def export_program(model: Detector, *, postprocess: bool = False,
                    num_select: int = DEFAULT_NUM_SELECT,
                    static_size: Sequence[int] | None = None) -> ExportedProgram:
     """`torch.export.export` of the model's inference graph (see the module docstring).
 
     Args:
-        model: a DabDetr (its train/eval mode is restored afterwards; the graph is eval mode).
+        model: a DabDetr or DabDeformableDetr (its train/eval mode is restored afterwards;
+            the graph is eval mode).
         postprocess: add the `target_sizes` input and the top-`num_select` outputs.
         static_size: (H, W) to fix the image size (batch stays dynamic); None: dynamic.
     Returns:
         the ExportedProgram; call `.module()(images, mask[, target_sizes])` for a tuple of
         tensors in `DetectorGraph`'s order.
     """
-    if not isinstance(model, DabDetr):
-        raise TypeError(f"export needs a dabdetr DabDetr model, got {type(model).__name__}")
+    if not isinstance(model, (DabDetr, DabDeformableDetr)):
+        raise TypeError("export needs a dabdetr DabDetr or DabDeformableDetr model, got "
+                        f"{type(model).__name__}")
     check_exportable(model.config)
     if postprocess and num_select <= 0:
         raise ValueError(f"num_select must be positive, got {num_select}")
@@ -191,25 +210,30 @@ def export_program(model: DabDetr, *, postprocess: bool = False,
         model.train(was_training)
 
 
-def save_program(program: ExportedProgram, config: DabDetrConfig, path: str | os.PathLike,
+def save_program(program: ExportedProgram, config: ModelConfig, path: str | os.PathLike,
                  overwrite: bool = False) -> Path:
-    """Write an ExportedProgram (`torch.export.save`) with the model config as an extra file."""
+    """Write an ExportedProgram (`torch.export.save`) with the model type and config as the
+    extra file `config.json`: {"model_type": ..., "config": {...}}."""
     path = Path(path)
     check_writable_target(path, overwrite)
+    doc = {"model_type": model_type_of(config), "config": config.to_dict()}
     with atomic_path(path) as tmp:
-        torch.export.save(program, tmp,
-                          extra_files={PROGRAM_CONFIG_FILE: json.dumps(config.to_dict())})
+        torch.export.save(program, tmp, extra_files={PROGRAM_CONFIG_FILE: json.dumps(doc)})
     return path
 
 
-def load_program(path: str | os.PathLike) -> tuple[ExportedProgram, DabDetrConfig]:
-    """Read what `save_program` wrote: (program, config)."""
+def load_program(path: str | os.PathLike) -> tuple[ExportedProgram, ModelConfig]:
+    """Read what `save_program` wrote: (program, config of the stored model type). A
+    `config.json` that is the bare config dict is a DAB-DETR one."""
     extra = {PROGRAM_CONFIG_FILE: ""}
     program = torch.export.load(Path(path), extra_files=extra)
-    return program, DabDetrConfig.from_dict(json.loads(extra[PROGRAM_CONFIG_FILE]))
+    doc = json.loads(extra[PROGRAM_CONFIG_FILE])
+    if isinstance(doc, dict) and set(doc) == {"model_type", "config"}:
+        return program, config_from_dict(doc["config"], doc["model_type"])
+    return program, config_from_dict(doc, DEFAULT_MODEL_TYPE)
 
 
-def export_onnx(model: DabDetr, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
+def export_onnx(model: Detector, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
                 postprocess: bool = False, num_select: int = DEFAULT_NUM_SELECT,
                 static_size: Sequence[int] | None = None, overwrite: bool = False) -> Path:
     """Export the model's inference graph to an ONNX file and check it with `onnx.checker`.
@@ -225,11 +249,11 @@ def export_onnx(model: DabDetr, path: str | os.PathLike, *, opset: int = DEFAULT
                            num_select=num_select if postprocess else None, overwrite=overwrite)
 
 
-def program_to_onnx(program: ExportedProgram, config: DabDetrConfig, path: str | os.PathLike, *,
+def program_to_onnx(program: ExportedProgram, config: ModelConfig, path: str | os.PathLike, *,
                     opset: int = DEFAULT_OPSET, num_select: int | None = None,
                     overwrite: bool = False) -> Path:
-    """Convert an `export_program` result to ONNX (torch's dynamo exporter), store `config`
-    and the post-processing `num_select` (None: a graph without) as metadata, save it as one
+    """Convert an `export_program` result to ONNX (torch's dynamo exporter), store `config`,
+    its model type and the post-processing `num_select` (None: a graph without) as metadata, save it as one
     file and check it with `onnx.checker`. Returns the path."""
     import onnx
 
@@ -239,6 +263,7 @@ def program_to_onnx(program: ExportedProgram, config: DabDetrConfig, path: str |
     onnx_program = torch.onnx.export(program, (), None, opset_version=opset,
                                      output_names=list(names), dynamo=True, verbose=False)
     metadata = onnx_program.model.metadata_props
+    metadata[MODEL_TYPE_KEY] = model_type_of(config)
     metadata[CONFIG_KEY] = json.dumps(config.to_dict())
     if num_select is not None:
         metadata[NUM_SELECT_KEY] = str(num_select)
@@ -279,7 +304,7 @@ def parity_cases(static_size: Sequence[int] | None, stride: int) -> list[tuple[i
             (1, h - stride + 9, w + stride - 13, [(h - stride + 9, w + stride - 13)])]
 
 
-def check_parity(model: DabDetr, run: Callable[[dict[str, Tensor]], Sequence[Tensor]], *,
+def check_parity(model: Detector, run: Callable[[dict[str, Tensor]], Sequence[Tensor]], *,
                  postprocess: bool, num_select: int = DEFAULT_NUM_SELECT,
                  static_size: Sequence[int] | None = None) -> list[dict[str, float]]:
     """Run `run` (an exported graph's runner: inputs by name -> outputs in `DetectorGraph`'s

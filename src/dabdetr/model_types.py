@@ -20,6 +20,10 @@ _CONFIGS: dict[str, type] = {"dab-detr": DabDetrConfig,
                              "dab-deformable-detr": DabDeformableDetrConfig}
 _MODELS = {"dab-detr": ("dabdetr.models.dab_detr", "DabDetr"),
            "dab-deformable-detr": ("dabdetr.models.dab_deformable_detr", "DabDeformableDetr")}
+# Whether the family's query selection ranks encoder proposals by class 0 alone, so their loss
+# labels every target 0: Deformable DETR's two-stage does (the authors' `bin_targets`); our
+# DAB-DETR selection ranks cells by their best class and keeps the labels.
+_CLASS_AGNOSTIC_PROPOSALS = {"dab-detr": False, "dab-deformable-detr": True}
 
 
 def model_type_of(config: ModelConfig) -> str:
@@ -37,6 +41,12 @@ def config_from_dict(data: dict[str, Any], model_type: str = DEFAULT_MODEL_TYPE)
         raise ValueError(f"unknown model type {model_type!r}; choose one of {sorted(_CONFIGS)} "
                          "(a file from a newer dabdetr may need an upgrade)")
     return _CONFIGS[model_type].from_dict(data)
+
+
+def class_agnostic_proposals(config: ModelConfig) -> bool:
+    """Whether the encoder-proposal loss of this config's family is class-agnostic (see
+    `SetCriterion`'s `enc_class_agnostic`)."""
+    return _CLASS_AGNOSTIC_PROPOSALS[model_type_of(config)]
 
 
 def build_model(config: ModelConfig) -> nn.Module:

@@ -11,21 +11,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dabdetr.config import DabDetrConfig
 from dabdetr.errors import BadWeightsError
-from dabdetr.export import CONFIG_KEY, NUM_SELECT_KEY, POSTPROCESS_OUTPUTS, RAW_OUTPUTS
+from dabdetr.export import (
+    CONFIG_KEY,
+    MODEL_TYPE_KEY,
+    NUM_SELECT_KEY,
+    POSTPROCESS_OUTPUTS,
+    RAW_OUTPUTS,
+)
+from dabdetr.model_types import DEFAULT_MODEL_TYPE, config_from_dict
 from dabdetr.models.outputs import DetectionOutput
 
 __all__ = ["OnnxDetector"]
 
 
 class OnnxDetector:
-    """An exported DAB-DETR in an onnxruntime InferenceSession, called like the eager model.
+    """An exported DAB-DETR or DAB-Deformable-DETR in an onnxruntime InferenceSession, called
+    like the eager model.
 
     `detector(images, mask)` -> DetectionOutput (pred_logits [B, Q, C], pred_boxes [B, Q, 4]
     normalized cxcywh; no auxiliary outputs), on the CPU. `run(inputs)` runs the graph on named
     tensors and returns every output in the graph's order. `config` is the exported model's
-    config; `num_select` is the top-k of a post-processing graph (None without).
+    config (a DabDetrConfig or DabDeformableDetrConfig, as its `dabdetr.model_type` says; a
+    file without one holds a DAB-DETR); `num_select` is the top-k of a post-processing graph
+    (None without).
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None,
@@ -49,7 +58,11 @@ class OnnxDetector:
         if CONFIG_KEY not in metadata:
             raise BadWeightsError(f"{path} is not a dabdetr export (no {CONFIG_KEY!r} metadata); "
                              "write it with `dabdetr export`")
-        self.config = DabDetrConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        model_type = metadata.get(MODEL_TYPE_KEY, DEFAULT_MODEL_TYPE)
+        try:
+            self.config = config_from_dict(json.loads(metadata[CONFIG_KEY]), model_type)
+        except ValueError as err:
+            raise BadWeightsError(f"{path} has an unreadable model config: {err}") from None
         self.num_select = int(metadata[NUM_SELECT_KEY]) if NUM_SELECT_KEY in metadata else None
         self.input_names = [i.name for i in self.runner.get_inputs()]
         self.output_names = [o.name for o in self.runner.get_outputs()]

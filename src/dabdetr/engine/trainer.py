@@ -37,7 +37,7 @@ from dabdetr.engine.schedule import LrSchedule, build_optimizer
 from dabdetr.engine.tracking import Trackers, open_trackers, parse_trackers
 from dabdetr.errors import UnwritableError
 from dabdetr.io_utils import atomic_path
-from dabdetr.model_types import build_model, model_type_of
+from dabdetr.model_types import build_model, class_agnostic_proposals, model_type_of
 from dabdetr.models.criterion import SetCriterion
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.models.matcher import HungarianMatcher
@@ -130,7 +130,8 @@ class Trainer:
         self.criterion = SetCriterion(model_cfg.num_classes, matcher, weights, cfg.focal_alpha,
                                       match_repeat=cfg.match_repeat,
                                       match_repeat_layers=repeat_layers,
-                                      enc_match_repeat=cfg.enc_match_repeat)
+                                      enc_match_repeat=cfg.enc_match_repeat,
+                                      enc_class_agnostic=class_agnostic_proposals(model_cfg))
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = EpochSampler(len(self.train_set), True, cfg.seed, self.rank, self.world)
         self.seeded = SeededAugmentation(self.train_set, cfg.seed)

@@ -71,6 +71,7 @@ class SetCriterion(nn.Module):
         match_repeat: int = 1,
         match_repeat_layers: Collection[int] | None = None,
         enc_match_repeat: int = 1,
+        enc_class_agnostic: bool = False,
     ) -> None:
         """
         Args:
@@ -84,6 +85,10 @@ class SetCriterion(nn.Module):
             match_repeat: k, how many queries each target is matched to (1 = one-to-one).
             match_repeat_layers: decoder layers that use `match_repeat` (None: all).
             enc_match_repeat: k for the encoder proposals of query selection (`enc_outputs`).
+            enc_class_agnostic: match and classify the encoder proposals as one class: every
+                target's label is 0 for them (Deformable DETR's two-stage, which ranks the
+                proposals by class 0 alone). `dabdetr.model_types.class_agnostic_proposals`
+                gives the value of a model family.
         """
         super().__init__()
         if num_classes < 1:
@@ -92,6 +97,7 @@ class SetCriterion(nn.Module):
             raise ValueError(f"match_repeat and enc_match_repeat must be >= 1, got "
                              f"{match_repeat}, {enc_match_repeat}")
         self.enc_match_repeat = enc_match_repeat
+        self.enc_class_agnostic = enc_class_agnostic
         self.num_classes = num_classes
         self.matcher = matcher if matcher is not None else HungarianMatcher()
         self.focal_alpha = focal_alpha
@@ -109,6 +115,7 @@ class SetCriterion(nn.Module):
         return (
             f"num_classes={self.num_classes}, focal_alpha={self.focal_alpha}, "
             f"focal_gamma={self.focal_gamma}, match_repeat={self.match_repeat}, "
+            f"enc_class_agnostic={self.enc_class_agnostic}, "
             f"weights={dict(self.weight_dict)}"
         )
 
@@ -189,12 +196,17 @@ class SetCriterion(nn.Module):
         self, outputs: DetectionOutput, targets: Targets, num_boxes: float
     ) -> dict[str, Tensor]:
         """Losses of the per-cell encoder proposals (query selection): Hungarian matching over
-        all cells (each target matched `enc_match_repeat` times), the same terms and weights as
-        a decoder layer, named `loss_ce_enc`, `loss_bbox_enc`, `loss_giou_enc`. Empty when
-        query selection is off."""
+        all cells (each target matched `enc_match_repeat` times, and labelled 0 when
+        `enc_class_agnostic`), the same terms and weights as a decoder layer, named
+        `loss_ce_enc`, `loss_bbox_enc`, `loss_giou_enc`. Empty when query selection is off."""
         enc = outputs.enc_outputs
         if enc is None:
             return {}
+        if self.enc_class_agnostic:
+            # upstream deep-copies the targets and zeroes every label (`bin_targets`): a
+            # proposal is scored as "object" on class 0, whatever the object's class
+            targets = [{"boxes": t["boxes"], "labels": torch.zeros_like(t["labels"])}
+                       for t in targets]
         k = self.enc_match_repeat
         enc_targets = targets if k == 1 else _repeat_targets(targets, k)
         indices = self.matcher(enc, enc_targets)

@@ -20,11 +20,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _level_sizes(spatial_shapes: Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """[L, 2] (H, W) as a list of python int pairs."""
+def level_sizes(spatial_shapes: Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """[L, 2] (H, W) as a list of pairs. Sizes given as a sequence are kept as they are: under
+    torch.export they are symbolic sizes, which `int()` would fix to the traced example's."""
     if isinstance(spatial_shapes, Tensor):
-        spatial_shapes = spatial_shapes.tolist()
-    return [(int(h), int(w)) for h, w in spatial_shapes]
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
+
+
+def _level_starts(level_start_index: Tensor | Sequence[int]) -> list[int]:
+    if isinstance(level_start_index, Tensor):
+        return [int(s) for s in level_start_index.tolist()]
+    return list(level_start_index)
 
 
 def ms_deform_attn(
@@ -39,8 +46,9 @@ def ms_deform_attn(
     Args:
         value: [B, S, M, Dh] per-head values of all levels, flattened row-major per level and
             concatenated level after level.
-        spatial_shapes: [L, 2] int (H_l, W_l) of each level.
-        level_start_index: [L] int, where each level starts in S (exclusive cumsum of H_l * W_l).
+        spatial_shapes: [L, 2] int (H_l, W_l) of each level, a tensor or Python ints.
+        level_start_index: [L] int, where each level starts in S (exclusive cumsum of H_l * W_l),
+            a tensor or Python ints.
         sampling_locations: [B, Nq, M, L, P, 2] float, (x, y) normalized to [0, 1] over each
             level's full (padded) map: pixel coordinate x * W_l - 0.5 (align_corners=False).
             Points outside the map read zeros.
@@ -51,9 +59,8 @@ def ms_deform_attn(
     """
     batch, num_cells, heads, head_dim = value.shape
     _, num_queries, _, levels, points, _ = sampling_locations.shape
-    sizes = _level_sizes(spatial_shapes)
-    starts = [int(s) for s in (level_start_index.tolist() if isinstance(level_start_index, Tensor)
-                               else level_start_index)]
+    sizes = level_sizes(spatial_shapes)
+    starts = _level_starts(level_start_index)
     if len(sizes) != levels or len(starts) != levels:
         raise ValueError(f"sampling_locations has {levels} levels but spatial_shapes has "
                          f"{len(sizes)} and level_start_index {len(starts)}")
@@ -88,7 +95,8 @@ class MSDeformAttn(nn.Module):
             level size; or [B, Nq, L, 4] normalized (cx, cy, w, h), offsets scaled by
             0.5 * (w, h) / P (the points spread over the box).
         input_flatten: [B, S, d] features of all levels (see `ms_deform_attn`).
-        spatial_shapes: [L, 2] int64 (H_l, W_l); level_start_index: [L] int64.
+        spatial_shapes: [L, 2] int64 (H_l, W_l); level_start_index: [L] int64 (either also as
+            Python ints, as `MultiScaleInput` holds them).
         input_padding_mask: [B, S] bool, True on padded cells (their values read as zero).
     """
 
@@ -123,7 +131,8 @@ class MSDeformAttn(nn.Module):
             nn.init.zeros_(proj.bias)
 
     def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor,
+                spatial_shapes: Tensor | Sequence[Sequence[int]],
+                level_start_index: Tensor | Sequence[int],
                 input_padding_mask: Tensor | None = None) -> Tensor:
         batch, num_queries, _ = query.shape
         num_cells = input_flatten.shape[1]
@@ -141,10 +150,18 @@ class MSDeformAttn(nn.Module):
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
         ref = reference_points[:, :, None, :, None, :]  # (B, Nq, 1, L, 1, 2|4)
         if reference_points.shape[-1] == 2:
-            # offsets in cells of each level: divide by (W_l, H_l)
-            normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # (L, 2) (W, H)
-            locations = ref + offsets / normalizer[None, None, None, :, None, :]
+            locations = ref + _per_cell(offsets, level_sizes(spatial_shapes))
         else:
             locations = ref[..., :2] + offsets / points * ref[..., 2:] * 0.5
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(out)
+
+
+def _per_cell(offsets: Tensor, sizes: Sequence[tuple[int, int]]) -> Tensor:
+    """Offsets [B, Nq, M, L, P, 2] (x, y) in cells of each level -> in units of each level's
+    width and height: divided by (W_l, H_l). Divided by the sizes themselves, not by a tensor
+    made of them: under torch.export that tensor would fix the sizes to the traced example's."""
+    levels = [torch.stack([offsets[:, :, :, lvl, :, 0] / width,
+                           offsets[:, :, :, lvl, :, 1] / height], -1)
+              for lvl, (height, width) in enumerate(sizes)]
+    return torch.stack(levels, 3)

@@ -9,6 +9,7 @@ without renames. Notation: S = sum_l H_l * W_l cells of L levels, Q queries.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dabdetr.models.box_ops import inverse_sigmoid
-from dabdetr.models.deformable_attention import MSDeformAttn
+from dabdetr.models.deformable_attention import MSDeformAttn, level_sizes
 from dabdetr.models.position_encoding import anchor_sine_embedding, proposal_sine_embedding
 from dabdetr.models.transformer import MLP
 
@@ -26,15 +27,19 @@ class MultiScaleInput:
     """All feature levels flattened and concatenated (the encoder's and decoder's memory input).
 
     src: [B, S, d] features; pos: [B, S, d] position + level embedding; mask: [B, S] bool, True
-    on padding; spatial_shapes: [L, 2] int64 (H_l, W_l); level_start_index: [L] int64;
-    valid_ratios: [B, L, 2] float (valid width / W_l, valid height / H_l).
+    on padding; spatial_shapes: L pairs (H_l, W_l); level_start_index: L offsets, where each
+    level starts in S; valid_ratios: [B, L, 2] float (valid width / W_l, valid height / H_l).
+
+    The sizes are Python ints taken from the feature maps' shapes, not tensors: under
+    torch.export they stay symbolic, where `torch.as_tensor` of them fixes height and width to
+    the traced example's (export refuses: "specialized to a constant").
     """
 
     src: Tensor
     pos: Tensor
     mask: Tensor
-    spatial_shapes: Tensor
-    level_start_index: Tensor
+    spatial_shapes: list[tuple[int, int]]
+    level_start_index: list[int]
     valid_ratios: Tensor
 
 
@@ -47,18 +52,19 @@ def valid_ratios_of(mask: Tensor) -> Tensor:
     return torch.stack([valid_w / width, valid_h / height], -1)
 
 
-def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+def encoder_reference_points(spatial_shapes: Tensor | Sequence[Sequence[int]],
+                             valid_ratios: Tensor) -> Tensor:
     """Cell centres of every level, as points on every level: [B, S, L, 2] normalized (x, y).
 
+    spatial_shapes: [L, 2] (H_l, W_l), a tensor or Python ints; valid_ratios: [B, L, 2].
     Cell (i, j) of level l sits at ((j + 0.5) / (vr_w,l W_l), (i + 0.5) / (vr_h,l H_l)), i.e.
     relative to the valid extent of its own level, then is scaled by each level's valid ratio.
     """
     points = []
-    for lvl, (height, width) in enumerate(spatial_shapes.tolist()):
-        ys = torch.linspace(0.5, height - 0.5, height, dtype=torch.float32,
-                            device=valid_ratios.device)
-        xs = torch.linspace(0.5, width - 0.5, width, dtype=torch.float32,
-                            device=valid_ratios.device)
+    for lvl, (height, width) in enumerate(level_sizes(spatial_shapes)):
+        # arange + 0.5: the same values as upstream's linspace(0.5, H - 0.5, H), exactly
+        ys = torch.arange(height, dtype=torch.float32, device=valid_ratios.device) + 0.5
+        xs = torch.arange(width, dtype=torch.float32, device=valid_ratios.device) + 0.5
         ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * height)  # (B, H*W)
         ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * width)
@@ -202,12 +208,13 @@ class ProposalSelection(nn.Module):
         batch = memory.mask.shape[0]
         boxes = []
         for lvl, ((height, width), start) in enumerate(
-                zip(memory.spatial_shapes.tolist(), memory.level_start_index.tolist(), strict=True)):
+                zip(memory.spatial_shapes, memory.level_start_index, strict=True)):
             mask = memory.mask[:, start:start + height * width].view(batch, height, width)
             valid_h = (~mask[:, :, 0]).sum(1)
             valid_w = (~mask[:, 0, :]).sum(1)
-            ys = torch.linspace(0, height - 1, height, dtype=torch.float32, device=mask.device)
-            xs = torch.linspace(0, width - 1, width, dtype=torch.float32, device=mask.device)
+            # arange: upstream's linspace(0, H - 1, H), exactly
+            ys = torch.arange(height, dtype=torch.float32, device=mask.device)
+            xs = torch.arange(width, dtype=torch.float32, device=mask.device)
             grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
             grid = torch.stack([grid_x, grid_y], -1)  # (H, W, 2) (x, y)
             scale = torch.stack([valid_w, valid_h], 1).view(batch, 1, 1, 2)
@@ -270,15 +277,16 @@ class DeformableTransformer(nn.Module):
     def flatten(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor]
                 ) -> MultiScaleInput:
         """Per-level maps (srcs, pos [B, d, H_l, W_l], masks [B, H_l, W_l]) -> one sequence."""
-        shapes = [tuple(src.shape[-2:]) for src in srcs]
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)
-        starts = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        shapes = [(src.shape[-2], src.shape[-1]) for src in srcs]
+        starts = [0]
+        for height, width in shapes[:-1]:
+            starts.append(starts[-1] + height * width)
         return MultiScaleInput(
             src=torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1),
             pos=torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl]
                            for lvl, p in enumerate(pos)], 1),
             mask=torch.cat([m.flatten(1) for m in masks], 1),
-            spatial_shapes=spatial_shapes,
+            spatial_shapes=shapes,
             level_start_index=starts,
             valid_ratios=torch.stack([valid_ratios_of(m) for m in masks], 1),
         )
