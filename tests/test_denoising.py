@@ -107,3 +107,30 @@ def test_denoising_losses_are_averaged_over_groups():
         assert float(losses_one[key]) > 0.01, key
         torch.testing.assert_close(losses_three[key], losses_one[key], atol=1e-5, rtol=1e-5,
                                    msg=key)
+
+
+def test_denoising_queries_are_their_targets_with_bounded_noise():
+    """Without noise each denoising query is its own target's box and label, and
+    `dn_match_indices` pairs it with that target; with box noise s the centre moves by at most
+    s * (w/2, h/2) and w, h by at most s * (w, h), and the moves reach near those bounds."""
+    from dabdetr.models.denoising import dn_match_indices
+
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(5, 8)
+    targets = [{"boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.2],
+                                       [0.5, 0.6, 0.1, 0.4]]),
+                "labels": torch.tensor([1, 3, 2])},
+               {"boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]]), "labels": torch.tensor([4])}]
+    exact = build_denoising_queries(targets, embed, 10, 3, 0.0, 0.0, 1e-5)
+    for b, (queries, index) in enumerate(dn_match_indices(exact.meta)):
+        boxes = exact.anchors[b, queries].sigmoid()
+        torch.testing.assert_close(boxes, targets[b]["boxes"][index], atol=1e-5, rtol=0)
+        torch.testing.assert_close(exact.content[b, queries], embed(targets[b]["labels"][index]))
+    # box noise: many groups of one well-inside box, so the clamp never acts
+    box = torch.tensor([[0.5, 0.5, 0.2, 0.4]])
+    noisy = build_denoising_queries([{"boxes": box, "labels": torch.tensor([0])}], embed, 10,
+                                    400, 0.0, 0.5, 1e-5)
+    moved = (noisy.anchors[0].sigmoid() - box).abs()  # (400, 4)
+    bound = 0.5 * torch.tensor([0.1, 0.2, 0.2, 0.4])  # s * (w/2, h/2, w, h)
+    assert (moved <= bound + 1e-5).all()
+    assert (moved.amax(0) > 0.9 * bound).all()
