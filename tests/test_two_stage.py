@@ -154,18 +154,26 @@ def test_one_to_many_matching_of_encoder_proposals():
 
     calls = []
 
+    matched = {}
+
     class Recording(HungarianMatcher):
         def forward(self, outputs, targets):
             indices = super().forward(outputs, targets)
             calls.append((outputs.pred_logits.shape[1], [len(q) for q, _ in indices]))
+            matched[outputs.pred_logits.shape[1]] = (indices, targets)
             return indices
 
     model = _model().train()
     out = model(torch.randn(2, 3, 128, 128))
-    SetCriterion(5, Recording(), enc_match_repeat=3)(out, _targets())
+    losses = SetCriterion(5, Recording(), enc_match_repeat=3)(out, _targets())
     enc_calls = [c for c in calls if c[0] == 16]  # 4 x 4 cells
     assert enc_calls == [(16, [6, 3])]  # each target matched to 3 distinct cells
     assert all(c[1] == [2, 1] for c in calls if c[0] == 8)  # decoder layers stay one-to-one
+    # the encoder's L1 term is the mean over its 3 x 3 matches, not their sum over 3 boxes
+    indices, repeated = matched[16]
+    l1 = sum(float((out.enc_outputs.pred_boxes[b, q] - repeated[b]["boxes"][t]).abs().sum())
+             for b, (q, t) in enumerate(indices))
+    assert float(losses["loss_bbox_enc"]) == pytest.approx(l1 / (3 * 3), rel=1e-5)
 
 
 def test_layer2_output_refuses_dilation():
