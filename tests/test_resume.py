@@ -112,3 +112,29 @@ def test_resume_is_exact_under_two_processes(data_dir, tmp_path):
              nprocs=2, join=True)
     _compare_checkpoints(tmp_path / "full" / "last.pt", tmp_path / "split" / "last.pt")
     assert len(safe_torch_load(tmp_path / "full" / "last.pt")["rng"]) == 2
+
+
+def test_rng_state_round_trip_restores_every_global_generator():
+    """set_rng_state(rng_state()) puts Python's, NumPy's and torch's generators back exactly,
+    so whatever a user's transform or hook draws after a resume is what it would have drawn."""
+    import random
+
+    import numpy as np
+
+    from dabdetr.engine.checkpoint import rng_state, set_rng_state
+
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    random.gauss(0, 1)  # leaves a cached second normal in Python's state
+    state = rng_state(torch.device("cpu"), {"loader": torch.Generator().manual_seed(3).get_state()})
+
+    def draws():
+        return (random.random(), random.gauss(0, 1), float(np.random.rand()),
+                float(torch.rand(1)))
+
+    expected = draws()
+    draws()
+    generators = set_rng_state(state, torch.device("cpu"))
+    assert draws() == expected
+    assert torch.equal(generators["loader"], torch.Generator().manual_seed(3).get_state())

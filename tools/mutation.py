@@ -236,7 +236,7 @@ MUTANTS = [
       "    torch.set_rng_state(state[\"torch\"])\n", "", RESUME),
     M("python RNG not restored on resume", "engine/checkpoint.py",
       "    random.setstate((state[\"python_version\"], tuple(state[\"python\"]), "
-      "state[\"python_gauss\"]))\n", "", RESUME),
+      "state[\"python_gauss\"]))\n", "", "rng_state_round_trip or " + RESUME),
     # --- engine/sampling.py
     M("mid-epoch resume does not skip the seen samples", "engine/sampling.py",
       "return iter(list(super().__iter__())[self.skip :])",
