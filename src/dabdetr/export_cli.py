@@ -68,12 +68,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return report_parity(check_parity(model, run, **options), checker)
 
 
+def print_parity(reports: list[dict[str, float]], checker: str, note: str = "") -> None:
+    """Print the max abs differences of `check_parity`'s two cases, one line each."""
+    for label, report in zip(("padded batch of 2", "single image"), reports, strict=True):
+        diffs = ", ".join(f"{name} {value:.2e}" for name, value in report.items())
+        print(f"max abs difference, {checker} vs eager, {label}: {diffs}{note}")
+
+
 def report_parity(reports: list[dict[str, float]], checker: str) -> int:
     """Print the max abs differences of `check_parity`'s cases; 1 if any exceeds the
     tolerance, else 0."""
-    for label, report in zip(("padded batch of 2", "single image"), reports, strict=True):
-        diffs = ", ".join(f"{name} {value:.2e}" for name, value in report.items())
-        print(f"max abs difference, {checker} vs eager, {label}: {diffs}")
+    print_parity(reports, checker)
     worst = max(max(report.values()) for report in reports)
     if worst > PARITY_TOLERANCE:
         print(f"dabdetr export: error: {checker} differs from the eager model by {worst:.2e} "

@@ -10,8 +10,6 @@ from dabdetr.argtypes import positive_int
 from dabdetr.errors import UserError
 from dabdetr.quantize import DEFAULT_CALIBRATION_IMAGES
 
-PARITY_LABELS = ("padded batch of 2", "single image")
-
 
 def add_int8_arguments(p: argparse.ArgumentParser) -> None:
     """The --int8 and --calibration-images options of `dabdetr export`."""
@@ -30,6 +28,7 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
     the max abs difference to the eager model on the export's check inputs. Returns 0."""
     from dabdetr.config import parse_overrides
     from dabdetr.export import check_parity, export_onnx
+    from dabdetr.export_cli import print_parity
     from dabdetr.io_utils import check_writable_target
     from dabdetr.quantize import calibration_files, check_available, quantize_onnx
     from dabdetr.runtime import OnnxDetector
@@ -49,9 +48,6 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
         path = quantize_onnx(fp32, args.out, args.int8, num_images=args.calibration_images,
                              overwrite=args.force)
     print(f"wrote {path} (static int8)")
-    reports = check_parity(model, OnnxDetector(path).run, **options)
-    for label, report in zip(PARITY_LABELS, reports, strict=True):
-        diffs = ", ".join(f"{name} {value:.2e}" for name, value in report.items())
-        print(f"max abs difference, int8 onnxruntime vs eager, {label}: {diffs} "
-              "(quantization error, for information)")
+    print_parity(check_parity(model, OnnxDetector(path).run, **options), "int8 onnxruntime",
+                 " (quantization error, for information)")
     return 0
