@@ -118,12 +118,11 @@ def _predict_model(args: argparse.Namespace):
     """(model, device) of `dabdetr predict`: the PyTorch model (optimized as asked) or an
     ONNX Runtime detector of an exported file."""
     if args.backend == "onnxruntime":
-        if args.optimize != "none" or args.explain > 0 or args.device not in (None, "cpu"):
-            raise UserError("--backend onnxruntime runs the exported graph on the CPU: drop "
-                            "--optimize, --explain and --device (they need the PyTorch model)")
-        from dabdetr.runtime import OnnxDetector
+        from dabdetr.runtime import open_onnx_backend
 
-        return OnnxDetector(args.weights), "cpu"
+        used = {"--optimize": args.optimize != "none", "--explain": args.explain > 0,
+                "--device": args.device not in (None, "cpu")}
+        return open_onnx_backend(args.weights, [flag for flag, on in used.items() if on]), "cpu"
     from dabdetr.distributed import resolve_device
     from dabdetr.optimize import optimized
     from dabdetr.weights.loading import load_model

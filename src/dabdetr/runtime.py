@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dabdetr.errors import BadWeightsError
+from dabdetr.errors import BadWeightsError, UserError
 from dabdetr.export import (
     CONFIG_KEY,
     MODEL_TYPE_KEY,
@@ -22,7 +22,7 @@ from dabdetr.export import (
 from dabdetr.model_types import DEFAULT_MODEL_TYPE, config_from_dict
 from dabdetr.models.outputs import DetectionOutput
 
-__all__ = ["OnnxDetector"]
+__all__ = ["OnnxDetector", "open_onnx_backend"]
 
 
 class OnnxDetector:
@@ -92,3 +92,14 @@ class OnnxDetector:
             inputs["target_sizes"] = torch.ones(images.shape[0], 2, dtype=torch.int64)
         logits, boxes = self.run(inputs)[:2]
         return DetectionOutput(logits, boxes)
+
+
+def open_onnx_backend(weights: str | os.PathLike, pytorch_options: Sequence[str] = ()
+                      ) -> OnnxDetector:
+    """The detector of a command's `--backend onnxruntime`. `pytorch_options`: the flags the
+    user set that need the PyTorch model (e.g. --optimize, --device cuda); any of them is a
+    UserError naming them."""
+    if pytorch_options:
+        raise UserError(f"--backend onnxruntime runs the exported graph on the CPU: drop "
+                        f"{', '.join(pytorch_options)} (they need the PyTorch model)")
+    return OnnxDetector(weights)

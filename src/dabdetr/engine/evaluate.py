@@ -159,15 +159,14 @@ def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: in
 def _evaluated_model(weights: str, device: str | None, optimize: str, backend: str):
     """(model, device): the PyTorch model (optimized as asked) or an ONNX Runtime detector."""
     if backend == "onnxruntime":
-        if optimize != "none" or device not in (None, "cpu"):
-            raise UserError("--backend onnxruntime runs the exported graph on the CPU: drop "
-                            "--optimize and --device (they need the PyTorch model)")
         if dist.get_world_size() > 1:
             raise UserError("--backend onnxruntime evaluates in one process: run it without "
                             "torchrun")
-        from dabdetr.runtime import OnnxDetector
+        from dabdetr.runtime import open_onnx_backend
 
-        return OnnxDetector(weights), torch.device("cpu")
+        used = {"--optimize": optimize != "none", "--device": device not in (None, "cpu")}
+        return (open_onnx_backend(weights, [flag for flag, on in used.items() if on]),
+                torch.device("cpu"))
     if backend != "pytorch":
         raise ValueError(f"unknown backend {backend!r}; choose pytorch or onnxruntime")
     from dabdetr.optimize import optimized
