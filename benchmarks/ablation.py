@@ -22,7 +22,10 @@ The learning rate is constant after warm-up (the demo drops it after 80% of its 
 which would depend on machine load). Runs continue where they stopped: a run directory under
 --out that already holds evaluations is resumed from its last checkpoint. Writes --json
 (every evaluation: variant, seed, images seen, AP, AP50), --table (markdown: mean and min-max
-over seeds) and --plot (AP and AP50 against images seen).
+over seeds) and --plot (AP and AP50 against images seen). With --peaks N it also measures where
+each trained run's positional attention peaks (`dabdetr.explain.peak_offsets`): the share of
+each validation image's 10 best queries whose map peaks within one feature cell of the query's
+anchor centre, and of its predicted box centre.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -114,6 +118,67 @@ def collect(out: Path, variants: list[str], seeds: list[int]) -> list[dict[str, 
                 rows.append({"variant": variant, "seed": seed, "images_seen": r["images_seen"],
                              "AP": r["AP"], "AP50": r["AP50"], "minutes": r["minutes"]})
     return rows
+
+
+def peak_statistics(run_dir: Path, data: str, count: int, top: int = 10,
+                    radius: int = 1, device: str = "cpu") -> list[dict[str, Any]]:
+    """Where a trained run's positional attention peaks: for each decoder layer and each of the
+    first `count` validation images, the share of the image's `top` best-scoring queries whose
+    positional map (mean over heads) peaks within `radius` feature cells of the query's
+    reference point: the layer's anchor centre ("anchor"; not for "detr") and the final
+    predicted box centre ("box"). Returns rows: layer, reference, mean share over the images
+    and the share of images where at least 90% of the top queries are that close."""
+    from dabdetr.data.batching import batch_images
+    from dabdetr.data.coco import resolve_split
+    from dabdetr.data.io import load_image_rgb
+    from dabdetr.explain import attention_maps, peak_offsets
+    from dabdetr.inference import Predictor
+    from dabdetr.weights.loading import load_model
+
+    model = load_model(run_dir / "last.pt", device=device)
+    predictor = Predictor(model, device=device)
+    folder, annotations = resolve_split(data, "val")
+    images = json.loads(annotations.read_text())["images"]
+    shares: dict[tuple[int, str], list[float]] = {}
+    for start in range(0, min(count, len(images)), 16):
+        chunk = images[start:min(start + 16, count)]
+        tensors = [predictor.transform(load_image_rgb(folder / i["file_name"]))
+                   .to(predictor.device) for i in chunk]
+        result = attention_maps(model, *batch_images(tensors))
+        scores = result.outputs.pred_logits.sigmoid().amax(-1)  # (B, Q)
+        best = scores.topk(min(top, scores.shape[1]), dim=-1).indices  # (B, N)
+        for layer in range(len(result.layers)):
+            references = {"box": result.outputs.pred_boxes}
+            if result.layers[layer].anchors is not None:
+                references["anchor"] = None  # peak_offsets' default: the layer's anchors
+            for name, ref in references.items():
+                close = peak_offsets(result, layer, ref).gather(1, best) <= radius  # (B, N)
+                shares.setdefault((layer, name), []).extend(close.float().mean(1).tolist())
+    return [{"layer": layer, "reference": name, "images": len(values),
+             "share_within": statistics.mean(values),
+             "images_at_least_90": statistics.mean(v >= 0.9 for v in values)}
+            for (layer, name), values in sorted(shares.items())]
+
+
+def peaks_table(peaks: list[dict[str, Any]], variants: list[str]) -> str:
+    """Markdown: per variant and reference, the mean share of top queries peaking within a cell
+    of it and the share of images with >= 90% of them, per decoder layer (mean over seeds)."""
+    layers = sorted({p["layer"] for p in peaks})
+    lines = ["| variant | reference | " + " | ".join(f"layer {i}" for i in layers) + " |",
+             "|---|---|" + "---|" * len(layers)]
+    for variant in variants:
+        for reference in ("anchor", "box"):
+            rows = [p for p in peaks if p["variant"] == variant and p["reference"] == reference]
+            if not rows:
+                continue
+            cells = []
+            for layer in layers:
+                at = [p for p in rows if p["layer"] == layer]
+                cells.append(f"{statistics.mean(p['share_within'] for p in at):.0%} "
+                             f"({statistics.mean(p['images_at_least_90'] for p in at):.0%})"
+                             if at else "-")
+            lines.append(f"| {variant} | {reference} | {' | '.join(cells)} |")
+    return "\n".join(lines)
 
 
 def _by_point(rows: list[dict[str, Any]], variant: str) -> dict[int, list[dict[str, Any]]]:
@@ -205,6 +270,22 @@ def prepare_data(args: argparse.Namespace) -> None:
         generate_dataset(args.data, progress=False, **spec)
 
 
+def backbone_from(source: str, out: Path) -> str:
+    """Write the ResNet of a trained model (anything `dabdetr predict` loads) as a torchvision
+    state dict under `out`, for TrainConfig.backbone_weights; returns its path."""
+    import torch
+
+    from dabdetr.weights.loading import load_model
+
+    model = load_model(source)
+    path = out / "backbone.pth"
+    out.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"backbone.{os.getpid()}.tmp")  # parallel invocations share it
+    torch.save(model.backbone.body.state_dict(), partial)
+    os.replace(partial, path)
+    return str(path)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,6 +305,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="TrainConfig fields over the demo's recipe, e.g. batch_size=16 "
                         "backbone_weights=resnet18.pth")
+    parser.add_argument("--backbone-from", default=None, metavar="WEIGHTS",
+                        help="start every run from the ResNet of this trained model (e.g. the "
+                        "model folder `dabdetr demo` writes), as from ImageNet weights")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--out", default="runs/ablation", help="run directories")
     parser.add_argument("--json", default=str(ROOT / "ablation.json"))
@@ -231,12 +315,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", default=str(ROOT / "ablation.png"))
     parser.add_argument("--title", default=None, help="the plot's title (default: the setting)")
     parser.add_argument("--report-only", action="store_true", help="only collect and draw")
+    parser.add_argument("--peaks", type=int, default=0, metavar="N",
+                        help="also measure, on the first N validation images, where each run's "
+                        "positional attention peaks relative to its anchors and boxes "
+                        "(top-10 queries per image)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    import os
-
     import torch
 
     from dabdetr.demo import loader_workers
@@ -244,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     overrides = _overrides(args.set)
+    if args.backbone_from:
+        overrides["backbone_weights"] = backbone_from(args.backbone_from, Path(args.out))
     device = resolve_device(args.device)
     overrides.setdefault("num_workers", loader_workers(device.type))  # as the demo
     synthetic = args.data is None
@@ -267,11 +355,24 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python benchmarks/ablation.py " + " ".join(argv if argv is not None
                                                               else sys.argv[1:]),
     }
-    Path(args.json).write_text(json.dumps({"setting": setting, "runs": rows}, indent=1))
+    report: dict[str, Any] = {"setting": setting, "runs": rows}
     text = table(rows, args.variants)
-    Path(args.table).write_text(
-        f"{text}\n\nAP50 / AP: mean over seeds (min-max). {setting['machine']}, "
-        f"{setting['date']}: `{setting['command']}`\n")
+    if args.peaks:
+        report["peaks"] = [
+            {"variant": variant, "seed": seed, **row}
+            for variant in args.variants for seed in args.seeds
+            if (Path(args.out) / f"{variant}-seed{seed}" / "last.pt").exists()
+            for row in peak_statistics(Path(args.out) / f"{variant}-seed{seed}", setting["data"],
+                                       args.peaks, device=str(device))]
+        text += ("\n\nTop-10 queries whose positional map peaks within one feature cell of "
+                 f"the reference, mean over {args.peaks} validation images and the seeds (in "
+                 "brackets: images where at least 90% do)\n\n"
+                 + peaks_table(report["peaks"], args.variants))
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    caption = (f"AP50 / AP: mean over seeds (min-max). {setting['machine']}, {setting['date']}: "
+               f"`{setting['command']}`")
+    first, _, peaks = text.partition("\n\n")
+    Path(args.table).write_text("\n\n".join(filter(None, [first, caption, peaks])) + "\n")
     title = args.title or (f"{args.budget:,} images per run, seeds {args.seeds}, data "
                            f"{Path(setting['data']).name}: {setting['command']}")
     plot(rows, args.variants, Path(args.plot), title)

@@ -27,8 +27,16 @@ def test_ablation_smoke_equal_budget_json_table_plot_and_continuation(tmp_path):
             "image_size=64", "--device", "cpu", "--out", str(tmp_path / "runs"),
             "--json", str(out.with_suffix(".json")), "--table", str(out.with_suffix(".md")),
             "--plot", str(out.with_suffix(".png"))]
-    ablation.main(argv + ["--budget", "8"])
+    ablation.main(argv + ["--budget", "8", "--peaks", "3"])
     doc = json.loads(out.with_suffix(".json").read_text())
+    peaks = doc["peaks"]
+    layers = range(len({p["layer"] for p in peaks}))
+    assert sorted((p["variant"], p["reference"], p["layer"]) for p in peaks) == sorted(
+        [("dab", ref, i) for ref in ("anchor", "box") for i in layers]
+        + [("detr", "box", i) for i in layers])  # a detr model has no anchors
+    assert all(p["images"] == 3 and 0.9 * p["images_at_least_90"] <= p["share_within"] + 1e-9
+               and 0 <= p["share_within"] <= 1 for p in peaks)
+    assert "| detr | box |" in out.with_suffix(".md").read_text()
     runs = doc["runs"]
     assert sorted((r["variant"], r["images_seen"]) for r in runs) == [
         ("dab", 4), ("dab", 8), ("detr", 4), ("detr", 8)]

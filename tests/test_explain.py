@@ -190,3 +190,47 @@ def test_explain_cli_draws_queries_by_layers(query_type, tmp_path, capsys):
     code = main(["explain", str(tmp_path / "img.png"), "--weights", str(tmp_path / "w"),
                  "--out", str(tmp_path / "one"), "--size", "64", "--device", "cpu"])
     assert code == 2 and "--force" in capsys.readouterr().err
+
+
+def test_peak_offsets_measure_cells_from_the_reference_in_the_valid_region():
+    from dabdetr.explain import AttentionMaps, LayerAttention, peak_offsets
+
+    valid = torch.zeros(1, 4, 6, dtype=torch.bool)
+    valid[:, :, :4] = True  # 4 x 4 valid cells, 2 padded columns
+    positional = torch.zeros(1, 3, 2, 4, 6)
+    positional[0, 0, :, 1, 2] = 1.0  # both heads peak at row 1, column 2
+    positional[0, 1, 0, 3, 0] = 0.9  # the heads disagree: the mean peaks at row 3, column 0
+    positional[0, 1, 1, 0, 3] = 0.5
+    positional[0, 2, :, 0, 0] = 1.0
+    # anchors: (cx, cy) in cells of a 4-wide valid region (the padded columns do not count)
+    anchors = torch.tensor([[[0.6, 0.3, 0.1, 0.1], [0.99, 0.9, 0.2, 0.2], [0.1, 0.1, 1, 1]]])
+    layer = LayerAttention(positional=positional, content=positional, full=positional,
+                           anchors=anchors)
+    maps = AttentionMaps(outputs=None, layers=[layer], valid=valid)
+    # query 0: anchor cell (x 2, y 1) = peak; query 1: anchor (3, 3) vs peak (0, 3): 3 cells;
+    # query 2: (0, 0) both
+    assert peak_offsets(maps, 0).tolist() == [[0, 3, 0]]
+    boxes = torch.tensor([[[0.1, 0.1, 0, 0], [0.3, 0.9, 0, 0], [0.6, 0.6, 0, 0]]])
+    assert peak_offsets(maps, 0, boxes).tolist() == [[2, 1, 2]]
+    detr = AttentionMaps(outputs=None, valid=valid,
+                         layers=[LayerAttention(positional, positional, positional, None)])
+    with pytest.raises(ValueError, match="no anchors"):
+        peak_offsets(detr, 0)
+
+
+def test_peak_offsets_of_a_model_follow_its_maps():
+    from dabdetr.explain import peak_offsets
+
+    model = perturbed_model(tiny_config(dec_layers=2))
+    images, mask = dabdetr.batch_images([torch.randn(3, 96, 128), torch.randn(3, 64, 96)])
+    result = attention_maps(model, images, mask)
+    offsets = peak_offsets(result, 1)
+    assert offsets.shape == (2, model.config.num_queries)
+    for b, (rows, cols) in enumerate([(3, 4), (2, 3)]):
+        mean = result.layers[1].positional[b].mean(1)  # (Q, h, w)
+        for q in range(model.config.num_queries):
+            y, x = divmod(int(mean[q].flatten().argmax()), mean.shape[-1])
+            cx, cy = result.layers[1].anchors[b, q, :2].tolist()
+            expected = max(abs(x - min(int(cx * cols), cols - 1)),
+                           abs(y - min(int(cy * rows), rows - 1)))
+            assert offsets[b, q] == expected

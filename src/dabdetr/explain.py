@@ -147,6 +147,34 @@ def attention_maps(model, images: Tensor, mask: Tensor | None = None) -> Attenti
     return AttentionMaps(outputs, layers, valid)
 
 
+def peak_offsets(maps: AttentionMaps, layer: int, references: Tensor | None = None) -> Tensor:
+    """How far each query's positional attention peaks from its reference point, in cells.
+
+    The peak is the feature cell with the largest positional attention averaged over the
+    heads; the reference is the cell holding the point (cx, cy) of `references` ([B, Q, >=2]
+    normalized to the unpadded image; default: the anchors of that layer, which a "detr"
+    model lacks: pass its predicted boxes, `maps.outputs.pred_boxes`, instead). Returns
+    [B, Q] long: the Chebyshev distance between the two cells (0: the peak is in the
+    reference's cell; 1: in one of the 8 around it).
+    """
+    chosen = maps.layers[layer]
+    if references is None:
+        if chosen.anchors is None:
+            raise ValueError("a 'detr' model has no anchors: pass references, e.g. the "
+                             "predicted boxes (maps.outputs.pred_boxes)")
+        references = chosen.anchors
+    positional = chosen.positional.float().mean(2)  # (B, Q, h, w)
+    batch, queries, _, width = positional.shape
+    peak = positional.flatten(2).argmax(-1)  # (B, Q)
+    peak_y, peak_x = peak // width, peak % width
+    rows = maps.valid.any(2).sum(1, keepdim=True)  # (B, 1): valid cells per image
+    cols = maps.valid.any(1).sum(1, keepdim=True)
+    refs = references[..., :2].float().to(positional.device)
+    ref_x = torch.minimum((refs[..., 0] * cols).floor().long().clamp(min=0), cols - 1)
+    ref_y = torch.minimum((refs[..., 1] * rows).floor().long().clamp(min=0), rows - 1)
+    return torch.maximum((peak_x - ref_x).abs(), (peak_y - ref_y).abs())
+
+
 def top_queries(outputs: DetectionOutput, count: int, image: int = 0) -> tuple[Tensor, Tensor,
                                                                               Tensor]:
     """The `count` queries of image `image` with the highest class probability: (indices [N],
