@@ -88,7 +88,7 @@ def evaluations(run_dir: Path) -> list[dict[str, Any]]:
     """The evaluated records of a run's metrics.jsonl, in step order."""
     from dabdetr.engine.runlog import read_log
 
-    return [r for r in read_log(run_dir / "metrics.jsonl", "epoch") if r.get("AP") is not None]
+    return read_log(run_dir / "metrics.jsonl", "epoch", keep=lambda r: r.get("AP") is not None)
 
 
 def run(variant: str, seed: int, args: argparse.Namespace, overrides: dict[str, Any]) -> None:

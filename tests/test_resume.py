@@ -82,13 +82,23 @@ def uninterrupted(data_dir, tmp_path_factory) -> Path:
 
 # mid-epoch: the first run stops after 2 of an epoch's 4 steps; epoch boundary: it ends with
 # its first epoch (and evaluates there, which the uninterrupted run does not)
-STOPS = {"mid-epoch": {"max_steps": 2}, "epoch-boundary": {"epochs": 1}}
+STOPS = {"mid-epoch": {"max_steps": 2}, "epoch-boundary": {"epochs": 1},
+         "budget-at-epoch-end": {"max_steps": 4}}
 
 
 @pytest.mark.parametrize("stop", STOPS.values(), ids=STOPS.keys())
 def test_resume_is_exact_with_workers_dropout_denoising_ema_amp(data_dir, tmp_path, stop,
                                                                  uninterrupted):
     _compare_checkpoints(uninterrupted, _interrupted(data_dir, tmp_path, stop, **RANDOM_RUN))
+
+
+def test_a_budget_ending_an_epoch_counts_it_and_resuming_logs_no_empty_epoch(data_dir, tmp_path):
+    from dabdetr.engine.runlog import read_log
+
+    _interrupted(data_dir, tmp_path, {"max_steps": 4})  # 4 steps: exactly one epoch
+    records = read_log(tmp_path / "metrics.jsonl", "epoch")
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 4), (1, 6)]
+    assert all(r.get("AP") is not None for r in records)  # both stops evaluated
 
 
 def _ddp_worker(rank: int, world: int, rendezvous: str, data_dir: str, root: str) -> None:

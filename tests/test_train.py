@@ -530,6 +530,10 @@ def test_curves_read_this_runs_steps_and_skip_a_torn_line(tmp_path, caplog):
     assert read == steps  # neither the earlier run's records nor the repeated step
     assert "skipped 1 unreadable line" in caplog.text
     assert read_log(log, "epoch") == epochs[:1]
+    # an unevaluated record at an evaluated one's step shadows it, unless `keep` selects first
+    log.write_text("\n".join(lines + [json.dumps({"type": "epoch", "epoch": 2, "step": 50})]))
+    assert read_log(log, "epoch") == [{"type": "epoch", "epoch": 2, "step": 50}]
+    assert read_log(log, "epoch", keep=lambda r: "AP" in r) == epochs[:1]
     assert read_log(tmp_path / "absent.jsonl") == []
     for name, kwargs in (("dense.png", {"steps": read}), ("epochs.png", {})):
         plot_history(epochs, tmp_path / name, **kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,14 @@ class RunLog:
                            err.strerror or err)
 
 
-def read_log(path: Path, record_type: str = "step") -> list[dict[str, Any]]:
+def read_log(path: Path, record_type: str = "step",
+             keep: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
     """The records of one type ("step" or "epoch") of a run's metrics.jsonl, in step order:
     empty if there is none. The file is appended to, so it may also hold the records a resumed
     run repeated after its checkpoint, or an earlier run's in the same folder: read from the
-    end, only records whose step comes before the one after them are kept. A line that does not
-    parse (a run killed mid-write, or one still writing) is skipped with a warning."""
+    end, only records whose step comes before the one after them are kept. `keep` selects
+    records before that (e.g. only evaluated ones). A line that does not parse (a run killed
+    mid-write, or one still writing) is skipped with a warning."""
     if not path.exists():
         return []
     records, bad = [], 0
@@ -47,7 +49,7 @@ def read_log(path: Path, record_type: str = "step") -> list[dict[str, Any]]:
             bad += 1
             continue
         if (isinstance(record, dict) and record.get("type") == record_type
-                and isinstance(record.get("step"), int)):
+                and isinstance(record.get("step"), int) and (keep is None or keep(record))):
             records.append(record)
     if bad:
         logger.warning("%s: skipped %d unreadable line(s)", path, bad)

@@ -405,7 +405,9 @@ class Trainer:
                     break
             bar.close()
             self.train_seconds = time.time() - started
-            if not stopped_early:
+            # a budget that ran out on an epoch's last batch still completed the epoch: counted
+            # here, a resumed run does not log an empty end of that epoch again
+            if not stopped_early or self.batch_in_epoch * cfg.batch_size >= len(self.sampler):
                 self.epoch += 1
                 self.batch_in_epoch = 0
             self.end_of_epoch(running, started, force_eval=stopped_early)
