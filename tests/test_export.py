@@ -383,3 +383,19 @@ def test_onnxruntime_backend_refuses_pytorch_options(cli_onnx: CliRun, tmp_path:
     code = main(["predict", str(tmp_path / "a.png"), "--weights", str(tmp_path / "bad.onnx"),
                  "--backend", "onnxruntime", "--out", str(tmp_path / "out")])
     assert code == 2 and "bad.onnx" in capsys.readouterr().err
+
+
+def test_onnxruntime_backend_without_onnxruntime_names_the_extra(
+        cli_onnx: CliRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from dabdetr.cli import main
+
+    _noise_image(tmp_path / "a.png", (32, 32), seed=0)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
+    code = main(["predict", str(tmp_path / "a.png"), "--weights", str(cli_onnx.path),
+                 "--backend", "onnxruntime", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "dabdetr[export]" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

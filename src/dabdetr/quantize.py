@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION_IMAGES = 32
 QUANTIZED_OPS = ("Conv",)
-INSTALL_HINT = "install the export extra: pip install 'dabdetr[export]'"
 
 __all__ = ["DEFAULT_CALIBRATION_IMAGES", "QUANTIZED_OPS", "calibration_files", "calibration_inputs",
            "check_available", "quantize_onnx"]
@@ -99,12 +98,14 @@ def _quantize_static(source: Path, inputs: list[dict[str, Tensor]], op_types: Se
 
 def check_available() -> None:
     """Raise UserError naming the fix if onnx or onnxruntime's quantization cannot be imported."""
+    from dabdetr import runtime
+
     try:
         import onnx  # noqa: F401
         import onnxruntime.quantization  # noqa: F401
     except ImportError as err:
         raise UserError(f"int8 quantization needs onnx and onnxruntime ({err}); "
-                        f"{INSTALL_HINT}") from None
+                        f"{runtime.INSTALL_HINT}") from None
 
 
 def calibration_inputs(detector: OnnxDetector, images: str | os.PathLike | Sequence[str | os.PathLike],

@@ -24,6 +24,8 @@ from dabdetr.models.outputs import DetectionOutput
 
 __all__ = ["OnnxDetector", "open_onnx_backend"]
 
+INSTALL_HINT = "install the export extra: pip install 'dabdetr[export]'"
+
 
 class OnnxDetector:
     """An exported DAB-DETR or DAB-Deformable-DETR in an onnxruntime InferenceSession, called
@@ -39,8 +41,11 @@ class OnnxDetector:
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None,
                  threads: int | None = None):
-        import onnxruntime as ort
-
+        try:
+            import onnxruntime as ort
+        except ImportError as err:
+            raise UserError(f"running an ONNX file needs onnxruntime ({err}); {INSTALL_HINT}"
+                            ) from None
         path = Path(path)
         if not path.is_file():
             raise BadWeightsError(f"no ONNX file at {path}; give a file written by "
