@@ -151,13 +151,21 @@ def peak_statistics(run_dir: Path, data: str, count: int, top: int = 10,
             references = {"box": result.outputs.pred_boxes}
             if result.layers[layer].anchors is not None:
                 references["anchor"] = None  # peak_offsets' default: the layer's anchors
+            heads = result.layers[layer].positional.shape[2]
             for name, ref in references.items():
-                close = peak_offsets(result, layer, ref).gather(1, best) <= radius  # (B, N)
-                shares.setdefault((layer, name), []).extend(close.float().mean(1).tolist())
-    return [{"layer": layer, "reference": name, "images": len(values),
-             "share_within": statistics.mean(values),
-             "images_at_least_90": statistics.mean(v >= 0.9 for v in values)}
-            for (layer, name), values in sorted(shares.items())]
+                for head in (None, *range(heads)):
+                    close = peak_offsets(result, layer, ref, head).gather(1, best) <= radius
+                    shares.setdefault((layer, name, head), []).extend(
+                        close.float().mean(1).tolist())  # per image: share of its N queries
+    rows = []
+    for (layer, name, head), values in shares.items():
+        if head is None:  # the head-averaged map; then each head's own
+            per_head = [statistics.mean(shares[(layer, name, h)]) for h in range(heads)]
+            rows.append({"layer": layer, "reference": name, "images": len(values),
+                         "share_within": statistics.mean(values),
+                         "images_at_least_90": statistics.mean(v >= 0.9 for v in values),
+                         "per_head_share_within": per_head})
+    return sorted(rows, key=lambda r: (r["layer"], r["reference"]))
 
 
 def peaks_table(peaks: list[dict[str, Any]], variants: list[str]) -> str:
@@ -174,9 +182,11 @@ def peaks_table(peaks: list[dict[str, Any]], variants: list[str]) -> str:
             cells = []
             for layer in layers:
                 at = [p for p in rows if p["layer"] == layer]
+                best_head = max(zip(*[p["per_head_share_within"] for p in at], strict=True),
+                                key=statistics.mean) if at else ()
                 cells.append(f"{statistics.mean(p['share_within'] for p in at):.0%} "
-                             f"({statistics.mean(p['images_at_least_90'] for p in at):.0%})"
-                             if at else "-")
+                             f"({statistics.mean(p['images_at_least_90'] for p in at):.0%}; "
+                             f"best head {statistics.mean(best_head):.0%})" if at else "-")
             lines.append(f"| {variant} | {reference} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -365,8 +375,10 @@ def main(argv: list[str] | None = None) -> None:
             for row in peak_statistics(Path(args.out) / f"{variant}-seed{seed}", setting["data"],
                                        args.peaks, device=str(device))]
         text += ("\n\nTop-10 queries whose positional map peaks within one feature cell of "
-                 f"the reference, mean over {args.peaks} validation images and the seeds (in "
-                 "brackets: images where at least 90% do)\n\n"
+                 f"the reference (positional map averaged over the heads), mean over "
+                 f"{args.peaks} validation images and the seeds; in brackets: images where at "
+                 "least 90% do, and the share for the single head that peaks there most "
+                 "often\n\n"
                  + peaks_table(report["peaks"], args.variants))
     Path(args.json).write_text(json.dumps(report, indent=1))
     caption = (f"AP50 / AP: mean over seeds (min-max). {setting['machine']}, {setting['date']}: "

@@ -212,6 +212,7 @@ def test_peak_offsets_measure_cells_from_the_reference_in_the_valid_region():
     assert peak_offsets(maps, 0).tolist() == [[0, 3, 0]]
     boxes = torch.tensor([[[0.1, 0.1, 0, 0], [0.3, 0.9, 0, 0], [0.6, 0.6, 0, 0]]])
     assert peak_offsets(maps, 0, boxes).tolist() == [[2, 1, 2]]
+    assert peak_offsets(maps, 0, boxes, head=1).tolist() == [[2, 3, 2]]  # head 1 alone
     detr = AttentionMaps(outputs=None, valid=valid,
                          layers=[LayerAttention(positional, positional, positional, None)])
     with pytest.raises(ValueError, match="no anchors"):

@@ -147,11 +147,14 @@ def attention_maps(model, images: Tensor, mask: Tensor | None = None) -> Attenti
     return AttentionMaps(outputs, layers, valid)
 
 
-def peak_offsets(maps: AttentionMaps, layer: int, references: Tensor | None = None) -> Tensor:
+def peak_offsets(maps: AttentionMaps, layer: int, references: Tensor | None = None,
+                 head: int | None = None) -> Tensor:
     """How far each query's positional attention peaks from its reference point, in cells.
 
-    The peak is the feature cell with the largest positional attention averaged over the
-    heads; the reference is the cell holding the point (cx, cy) of `references` ([B, Q, >=2]
+    The peak is the feature cell with the largest positional attention, averaged over the
+    heads (or of head `head` alone: the learned projections let each head look at its own
+    region, e.g. one side of the box, as Conditional DETR describes); the reference is the
+    cell holding the point (cx, cy) of `references` ([B, Q, >=2]
     normalized to the unpadded image; default: the anchors of that layer, which a "detr"
     model lacks: pass its predicted boxes, `maps.outputs.pred_boxes`, instead). Returns
     [B, Q] long: the Chebyshev distance between the two cells (0: the peak is in the
@@ -163,7 +166,8 @@ def peak_offsets(maps: AttentionMaps, layer: int, references: Tensor | None = No
             raise ValueError("a 'detr' model has no anchors: pass references, e.g. the "
                              "predicted boxes (maps.outputs.pred_boxes)")
         references = chosen.anchors
-    positional = chosen.positional.float().mean(2)  # (B, Q, h, w)
+    positional = chosen.positional.float()  # (B, Q, heads, h, w)
+    positional = positional.mean(2) if head is None else positional[:, :, head]
     batch, queries, _, width = positional.shape
     peak = positional.flatten(2).argmax(-1)  # (B, Q)
     peak_y, peak_x = peak // width, peak % width
