@@ -358,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
                    **({"model": args.preset} if args.preset else {})},
         "variants": {v: VARIANTS[v] for v in args.variants}, "seeds": args.seeds,
         "budget_images": args.budget, "eval_every_images": args.eval_every,
+        "backbone_from": args.backbone_from,
         "machine": f"{device.type}"
                    f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}"
                    f", {os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__}",
