@@ -84,6 +84,11 @@ def train_until(cfg, resume: Path | None, device: str | None) -> None:
     train(cfg, resume=str(resume) if resume else None, device=device)
 
 
+def run_path(out: Path, variant: str, seed: int) -> Path:
+    """The run directory of one variant and seed under --out."""
+    return out / f"{variant}-seed{seed}"
+
+
 def evaluations(run_dir: Path) -> list[dict[str, Any]]:
     """The evaluated records of a run's metrics.jsonl, in step order."""
     from dabdetr.engine.runlog import read_log
@@ -97,7 +102,7 @@ def run(variant: str, seed: int, args: argparse.Namespace, overrides: dict[str, 
     if args.eval_every % batch or args.budget % args.eval_every:
         raise SystemExit(f"--eval-every {args.eval_every} must be a multiple of the batch size "
                          f"{batch}, and --budget {args.budget} a multiple of --eval-every")
-    run_dir = Path(args.out) / f"{variant}-seed{seed}"
+    run_dir = run_path(Path(args.out), variant, seed)
     for images in range(args.eval_every, args.budget + 1, args.eval_every):
         done = [r["step"] for r in evaluations(run_dir)]
         target = images // batch
@@ -114,7 +119,7 @@ def collect(out: Path, variants: list[str], seeds: list[int]) -> list[dict[str, 
     rows = []
     for variant in variants:
         for seed in seeds:
-            for r in evaluations(out / f"{variant}-seed{seed}"):
+            for r in evaluations(run_path(out, variant, seed)):
                 rows.append({"variant": variant, "seed": seed, "images_seen": r["images_seen"],
                              "AP": r["AP"], "AP50": r["AP50"], "minutes": r["minutes"]})
     return rows
@@ -372,8 +377,8 @@ def main(argv: list[str] | None = None) -> None:
         report["peaks"] = [
             {"variant": variant, "seed": seed, **row}
             for variant in args.variants for seed in args.seeds
-            if (Path(args.out) / f"{variant}-seed{seed}" / "last.pt").exists()
-            for row in peak_statistics(Path(args.out) / f"{variant}-seed{seed}", setting["data"],
+            if (run_path(Path(args.out), variant, seed) / "last.pt").exists()
+            for row in peak_statistics(run_path(Path(args.out), variant, seed), setting["data"],
                                        args.peaks, device=str(device))]
         text += ("\n\nTop-10 queries whose positional map peaks within one feature cell of "
                  f"the reference (positional map averaged over the heads), mean over "

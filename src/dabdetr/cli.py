@@ -122,7 +122,7 @@ def _predict_model(args: argparse.Namespace):
 
         used = {"--optimize": args.optimize != "none", "--explain": args.explain > 0,
                 "--device": args.device not in (None, "cpu")}
-        return open_onnx_backend(args.weights, [flag for flag, on in used.items() if on]), "cpu"
+        return open_onnx_backend(args.weights, used), "cpu"
     from dabdetr.distributed import resolve_device
     from dabdetr.optimize import optimized
     from dabdetr.weights.loading import load_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -99,12 +99,13 @@ class OnnxDetector:
         return DetectionOutput(logits, boxes)
 
 
-def open_onnx_backend(weights: str | os.PathLike, pytorch_options: Sequence[str] = ()
+def open_onnx_backend(weights: str | os.PathLike, pytorch_options: Mapping[str, bool] | None = None
                       ) -> OnnxDetector:
-    """The detector of a command's `--backend onnxruntime`. `pytorch_options`: the flags the
-    user set that need the PyTorch model (e.g. --optimize, --device cuda); any of them is a
-    UserError naming them."""
-    if pytorch_options:
+    """The detector of a command's `--backend onnxruntime`. `pytorch_options`: for each flag
+    that needs the PyTorch model (e.g. --optimize, --device), whether the user set it; any set
+    is a UserError naming them."""
+    used = [flag for flag, on in (pytorch_options or {}).items() if on]
+    if used:
         raise UserError(f"--backend onnxruntime runs the exported graph on the CPU: drop "
-                        f"{', '.join(pytorch_options)} (they need the PyTorch model)")
+                        f"{', '.join(used)} (they need the PyTorch model)")
     return OnnxDetector(weights)

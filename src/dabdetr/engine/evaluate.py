@@ -165,8 +165,7 @@ def _evaluated_model(weights: str, device: str | None, optimize: str, backend: s
         from dabdetr.runtime import open_onnx_backend
 
         used = {"--optimize": optimize != "none", "--device": device not in (None, "cpu")}
-        return (open_onnx_backend(weights, [flag for flag, on in used.items() if on]),
-                torch.device("cpu"))
+        return open_onnx_backend(weights, used), torch.device("cpu")
     if backend != "pytorch":
         raise ValueError(f"unknown backend {backend!r}; choose pytorch or onnxruntime")
     from dabdetr.optimize import optimized
