@@ -290,9 +290,13 @@ def backbone_from(source: str, out: Path) -> str:
     state dict under `out`, for TrainConfig.backbone_weights; returns its path."""
     import torch
 
+    from dabdetr.errors import UserError
     from dabdetr.weights.loading import load_model
 
-    model = load_model(source)
+    try:
+        model = load_model(source)
+    except UserError as err:  # a missing or unreadable weight source
+        raise SystemExit(f"--backbone-from {source}: {err}") from None
     path = out / "backbone.pth"
     out.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"backbone.{os.getpid()}.tmp")  # parallel invocations share it

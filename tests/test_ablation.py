@@ -58,3 +58,26 @@ def test_ablation_smoke_equal_budget_json_table_plot_and_continuation(tmp_path):
     again = json.loads(out.with_suffix(".json").read_text())["runs"]
     assert again[:2] == [r for r in runs if r["variant"] == "dab"]
     assert [(r["variant"], r["images_seen"]) for r in again[2:]] == [("dab", 12)]
+
+
+def test_backbone_from_starts_every_run_from_a_trained_models_resnet(tmp_path):
+    import pytest
+    import torch
+    from _util import tiny_config
+
+    import dabdetr
+
+    ablation = _ablation()
+    torch.manual_seed(0)
+    source = dabdetr.DabDetr(tiny_config())
+    dabdetr.save_model(source, tmp_path / "trained")
+    path = ablation.backbone_from(str(tmp_path / "trained"), tmp_path / "runs")
+    written = torch.load(path, weights_only=True)
+    expected = source.backbone.body.state_dict()
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
+    # a missing source stops the benchmark with its name, before any data or training
+    with pytest.raises(SystemExit, match="--backbone-from .*absent"):
+        ablation.main(["--backbone-from", str(tmp_path / "absent"), "--out",
+                       str(tmp_path / "runs2"), "--device", "cpu"])
+    assert not (tmp_path / "runs2" / "data").exists()
