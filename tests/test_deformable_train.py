@@ -82,3 +82,31 @@ def test_convert_and_predict_cli(data_dir, tmp_path):
                  "--out", str(tmp_path / "pred"), "--device", "cpu", "--size", "64",
                  "--threshold", "0.0", "--num-select", "5", "--no-draw"]) == 0
     assert any((tmp_path / "pred").iterdir())
+
+
+@pytest.mark.parametrize("family", ["deformable", "dab"])
+def test_top_k_defaults_to_the_authors_per_family(family, data_dir, tmp_path):
+    """Without --num-select, evaluate and predict keep the authors' top-k (query, class) pairs
+    per image: 100 for DAB-Deformable-DETR (their deformable PostProcess), 300 for DAB-DETR."""
+    from _util import tiny_config, tiny_deformable_config
+
+    from dabdetr.inference import Predictor
+    from dabdetr.model_types import build_model
+
+    # 80 queries x 6 classes (the dataset's contiguous ids): more pairs than either top-k
+    size = {"num_queries": 80, "num_classes": 6}
+    config, expected = {"deformable": (tiny_deformable_config(**size), 100),
+                        "dab": (tiny_config(**size), 300)}[family]
+    torch.manual_seed(0)
+    dabdetr.save_model(build_model(config).eval(), tmp_path / "w")
+    assert main(["evaluate", "--weights", str(tmp_path / "w"), "--data", str(data_dir),
+                 "--device", "cpu", "--size", "64", "--num-workers", "0",
+                 "--out", str(tmp_path / "eval")]) == 0
+    detections = json.loads((tmp_path / "eval" / "detections.json").read_text())
+    per_image: dict[int, int] = {}
+    for d in detections:
+        per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
+    assert set(per_image.values()) == {expected}
+    predictor = Predictor(dabdetr.load_model(tmp_path / "w"), threshold=0.0, device="cpu")
+    image = dabdetr.data.io.load_image_rgb(sorted((data_dir / "val").glob("*.*"))[0])
+    assert len(predictor([image])[0]) == expected

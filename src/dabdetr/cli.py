@@ -35,7 +35,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-size", type=non_negative_int, default=None,
                    help="cap on the long side, 0 for none (default: the model's, scaled with "
                    "--size)")
-    p.add_argument("--num-select", type=positive_int, default=300, help="top-k before the threshold")
+    p.add_argument("--num-select", type=positive_int, default=None,
+                   help="top-k before the threshold (default: the authors' 300 for DAB-DETR, "
+                   "100 for DAB-Deformable-DETR)")
     p.add_argument("--no-draw", action="store_true", help="do not write images with boxes drawn")
     p.add_argument("--explain", type=non_negative_int, default=0, metavar="K",
                    help="also draw the positional attention maps and anchors of the K best "

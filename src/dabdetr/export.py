@@ -39,10 +39,9 @@ from dabdetr.model_types import DEFAULT_MODEL_TYPE, ModelConfig, config_from_dic
 from dabdetr.models.dab_deformable_detr import DabDeformableDetr
 from dabdetr.models.dab_detr import DabDetr
 from dabdetr.models.position_encoding import PositionEmbeddingLearned
-from dabdetr.postprocessing import top_detections
+from dabdetr.postprocessing import resolve_num_select, top_detections
 
 DEFAULT_OPSET = 18  # the dynamo exporter's own opset; lower ones go through onnx's converter
-DEFAULT_NUM_SELECT = 300  # upstream's evaluation top-k
 PARITY_TOLERANCE = 1e-4
 RAW_OUTPUTS = ("pred_logits", "pred_boxes")
 POSTPROCESS_OUTPUTS = ("scores", "labels", "boxes")
@@ -179,14 +178,15 @@ def _check_static_size(static_size: Sequence[int] | None) -> tuple[int, int] | N
 
 
 def export_program(model: Detector, *, postprocess: bool = False,
-                   num_select: int = DEFAULT_NUM_SELECT,
+                   num_select: int | None = None,
                    static_size: Sequence[int] | None = None) -> ExportedProgram:
     """`torch.export.export` of the model's inference graph (see the module docstring).
 
     Args:
         model: a DabDetr or DabDeformableDetr (its train/eval mode is restored afterwards;
             the graph is eval mode).
-        postprocess: add the `target_sizes` input and the top-`num_select` outputs.
+        postprocess: add the `target_sizes` input and the top-`num_select` outputs (None:
+            the authors' top-k for the model's family, 300 DAB-DETR, 100 deformable).
         static_size: (H, W) to fix the image size (batch stays dynamic); None: dynamic.
     Returns:
         the ExportedProgram; call `.module()(images, mask[, target_sizes])` for a tuple of
@@ -196,6 +196,7 @@ def export_program(model: Detector, *, postprocess: bool = False,
         raise TypeError("export needs a dabdetr DabDetr or DabDeformableDetr model, got "
                         f"{type(model).__name__}")
     check_exportable(model.config)
+    num_select = resolve_num_select(num_select, model.config)
     if postprocess and num_select <= 0:
         raise ValueError(f"num_select must be positive, got {num_select}")
     size = _check_static_size(static_size)
@@ -234,7 +235,7 @@ def load_program(path: str | os.PathLike) -> tuple[ExportedProgram, ModelConfig]
 
 
 def export_onnx(model: Detector, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-                postprocess: bool = False, num_select: int = DEFAULT_NUM_SELECT,
+                postprocess: bool = False, num_select: int | None = None,
                 static_size: Sequence[int] | None = None, overwrite: bool = False) -> Path:
     """Export the model's inference graph to an ONNX file and check it with `onnx.checker`.
 
@@ -243,6 +244,7 @@ def export_onnx(model: Detector, path: str | os.PathLike, *, opset: int = DEFAUL
     `overwrite=True` (OutputExistsError otherwise). Returns the path.
     """
     check_writable_target(path, overwrite)
+    num_select = resolve_num_select(num_select, model.config)
     program = export_program(model, postprocess=postprocess, num_select=num_select,
                              static_size=static_size)
     return program_to_onnx(program, model.config, path, opset=opset,
@@ -305,11 +307,12 @@ def parity_cases(static_size: Sequence[int] | None, stride: int) -> list[tuple[i
 
 
 def check_parity(model: Detector, run: Callable[[dict[str, Tensor]], Sequence[Tensor]], *,
-                 postprocess: bool, num_select: int = DEFAULT_NUM_SELECT,
+                 postprocess: bool, num_select: int | None = None,
                  static_size: Sequence[int] | None = None) -> list[dict[str, float]]:
     """Run `run` (an exported graph's runner: inputs by name -> outputs in `DetectorGraph`'s
     order) and the eager model on `parity_cases`; one dict of max abs differences per case."""
-    graph = DetectorGraph(model, num_select if postprocess else None)
+    graph = DetectorGraph(model, resolve_num_select(num_select, model.config) if postprocess
+                          else None)
     was_training = model.training
     model.eval()
     reports = []

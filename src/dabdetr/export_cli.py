@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from dabdetr.argtypes import positive_int
-from dabdetr.export import DEFAULT_NUM_SELECT, DEFAULT_OPSET, PARITY_TOLERANCE
+from dabdetr.export import DEFAULT_OPSET, PARITY_TOLERANCE
 from dabdetr.quantize_cli import add_int8_arguments, cmd_export_int8
 
 FORMATS = ("onnx", "exported-program")
@@ -23,8 +23,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, help="ONNX opset")
     p.add_argument("--postprocess", action="store_true",
                    help="add the target_sizes input and the scores/labels/boxes outputs")
-    p.add_argument("--num-select", type=positive_int, default=DEFAULT_NUM_SELECT,
-                   help="top-k of --postprocess")
+    p.add_argument("--num-select", type=positive_int, default=None,
+                   help="top-k of --postprocess (default: the authors' 300 for DAB-DETR, 100 "
+                   "for DAB-Deformable-DETR)")
     p.add_argument("--static", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
                    help="fix the image size (the batch stays dynamic)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

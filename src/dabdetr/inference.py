@@ -17,7 +17,7 @@ from dabdetr.data.batching import batch_images
 from dabdetr.data.io import load_image_rgb, to_rgb
 from dabdetr.data.transforms import make_eval_transforms
 from dabdetr.models.dab_detr import DabDetr
-from dabdetr.postprocessing import postprocess
+from dabdetr.postprocessing import postprocess, resolve_num_select
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Predictor:
     """
 
     def __init__(self, model: DabDetr | Callable, size: int | None = None,
-                 max_size: int | None = None, num_select: int = 300, threshold: float = 0.5,
+                 max_size: int | None = None, num_select: int | None = None, threshold: float = 0.5,
                  device: str | torch.device | None = None):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold {threshold} is outside [0, 1]; scores are in [0, 1]")
@@ -90,7 +90,7 @@ class Predictor:
         self.config = model.config
         self.size, self.max_size = resolve_eval_resize(model.config, size, max_size)
         self.transform = make_eval_transforms(self.size, self.max_size)
-        self.num_select = num_select
+        self.num_select = resolve_num_select(num_select, model.config)
         self.threshold = threshold
 
     def __call__(self, images: Sequence[Image.Image]) -> list[Detections]:

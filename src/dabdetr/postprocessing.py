@@ -22,6 +22,11 @@ def default_num_select(config: object) -> int:
     return DEFAULT_NUM_SELECT[model_type_of(config)]
 
 
+def resolve_num_select(num_select: int | None, config: object) -> int:
+    """`num_select`, or the authors' top-k for the config's family where it is None."""
+    return default_num_select(config) if num_select is None else num_select
+
+
 @torch.no_grad()
 def postprocess(
     outputs: DetectionOutput | dict,

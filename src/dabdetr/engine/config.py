@@ -121,7 +121,9 @@ class TrainConfig:
     no_multi_scale: bool = option(False, "train at the single short side --image-size")
     eval_every: int = option(1, "evaluate every N epochs (and at the end)", POSITIVE)
     eval_batch_size: int = option(2, "images per evaluation batch, per process", POSITIVE)
-    num_select: int = option(300, "top-k detections per image kept for evaluation", POSITIVE)
+    num_select: int | None = option(None, "top-k detections per image kept for evaluation "
+                                    "(default: the authors' 300 for DAB-DETR, 100 for "
+                                    "DAB-Deformable-DETR)", POSITIVE)
     log_every: int = option(20, "steps between step records in metrics.jsonl", POSITIVE)
     progress: bool = option(True, "hide the progress bars", flag="--no-progress")
 

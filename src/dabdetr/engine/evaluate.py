@@ -25,7 +25,7 @@ from dabdetr.engine.sampling import EpochSampler
 from dabdetr.errors import UserError
 from dabdetr.io_utils import atomic_write, check_writable_target
 from dabdetr.models.dab_detr import DabDetr
-from dabdetr.postprocessing import postprocess
+from dabdetr.postprocessing import postprocess, resolve_num_select
 
 if TYPE_CHECKING:
     from dabdetr.runtime import OnnxDetector
@@ -58,11 +58,12 @@ def config_with_categories(config: DabDetrConfig, categories: CategoryMap) -> Da
 @torch.no_grad()
 def run_evaluation(model: DabDetr | OnnxDetector, dataset: CocoDetection, evaluator: CocoEvaluator,
                    device: torch.device, batch_size: int = 1, num_workers: int = 0,
-                   num_select: int = 300, progress: bool = True) -> dict[str, Any]:
+                   num_select: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Detect on every image of `dataset` (sharded over processes), then COCO-evaluate.
 
     Post-processing keeps the top `num_select` (query, class) pairs per image with boxes in
-    original-image pixels, as the authors' evaluation. Returns the evaluator's metrics on
+    original-image pixels, as the authors' evaluation (None: their top-k for the model's
+    family, `dabdetr.postprocessing.default_num_select`). Returns the evaluator's metrics on
     every process. Draws nothing from the global random generators: the loader (which seeds
     its workers) has a generator of its own, so evaluating in the middle of a training run
     leaves the run's dropout and denoising draws as they were.
@@ -72,6 +73,7 @@ def run_evaluation(model: DabDetr | OnnxDetector, dataset: CocoDetection, evalua
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=num_workers, generator=torch.Generator().manual_seed(0))
     was_training = isinstance(model, torch.nn.Module) and model.training
+    top_k = resolve_num_select(num_select, model.config)
     model.eval()
     evaluator.reset()
     for batch in tqdm(loader, desc="evaluate", unit="batch",
@@ -81,7 +83,7 @@ def run_evaluation(model: DabDetr | OnnxDetector, dataset: CocoDetection, evalua
         batch = batch.to(device)
         outputs = model(batch.images, batch.mask)
         sizes = torch.stack([t["orig_size"] for t in batch.targets])
-        results = postprocess(outputs, sizes, num_select=num_select)
+        results = postprocess(outputs, sizes, num_select=top_k)
         evaluator.update([t["image_id"] for t in batch.targets], results)
     evaluator.synchronize()
     if was_training:
@@ -121,7 +123,7 @@ def warn_category_mismatch(model: CategoryMap, coco: dict[str, Any]) -> None:
 def evaluate_weights(weights: str, data: str, split: str = "val", batch_size: int = 1,
                      device: str | None = None, eval_size: int | None = None,
                      max_size: int | None = None,
-                     num_select: int = 300, num_workers: int = 2, out: str | None = None,
+                     num_select: int | None = None, num_workers: int = 2, out: str | None = None,
                      progress: bool = True, optimize: str = "none", format: str = "auto",
                      ann_json: str | None = None, images: str | None = None,
                      skip_bad: bool = False, backend: str = "pytorch") -> dict[str, Any]:
@@ -199,8 +201,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    "stored with it; 800 for published weights)")
     p.add_argument("--max-size", type=non_negative_int, default=None,
                    help="long side cap, 0 for none (default: the model's, scaled with --size)")
-    p.add_argument("--num-select", type=positive_int, default=300,
-                   help="top-k detections per image")
+    p.add_argument("--num-select", type=positive_int, default=None,
+                   help="top-k detections per image (default: the authors' 300 for DAB-DETR, "
+                   "100 for DAB-Deformable-DETR)")
     p.add_argument("--num-workers", type=non_negative_int, default=2)
     p.add_argument("--out", default=None, help="write detections.json and metrics.json here")
     p.add_argument("--force", action="store_true", help="replace the results in --out")
