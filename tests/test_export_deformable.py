@@ -216,3 +216,6 @@ def test_option_variants_export(options: dict, tmp_path: Path) -> None:
     reports = check_parity(model, OnnxDetector(path).run, postprocess=True, num_select=NUM_SELECT)
     assert max(max(r.values()) for r in reports) <= PARITY_TOLERANCE, reports
     _assert_parity(model, OnnxDetector(path).run, postprocess=True, seed=8)
+    if options.get("two_stage"):  # 4 cells of 8 x 8 pixels, 6 queries: said, as in eager
+        with pytest.raises(ValueError, match="num_queries=6 encoder cells"):
+            OnnxDetector(path)(torch.randn(1, 3, 8, 8))
