@@ -24,8 +24,8 @@ which would depend on machine load). Runs continue where they stopped: a run dir
 (every evaluation: variant, seed, images seen, AP, AP50), --table (markdown: mean and min-max
 over seeds) and --plot (AP and AP50 against images seen). With --peaks N it also measures where
 each trained run's positional attention peaks (`dabdetr.explain.peak_offsets`): the share of
-each validation image's 10 best queries whose map peaks within one feature cell of the query's
-anchor centre, and of its predicted box centre.
+each validation image's 10 best queries (--peaks-top) whose map peaks within one feature cell
+of the query's anchor centre, and of its predicted box centre.
 """
 
 from __future__ import annotations
@@ -337,7 +337,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peaks", type=int, default=0, metavar="N",
                         help="also measure, on the first N validation images, where each run's "
                         "positional attention peaks relative to its anchors and boxes "
-                        "(top-10 queries per image)")
+                        "(the --peaks-top best queries of each image)")
+    parser.add_argument("--peaks-top", type=int, default=10, metavar="K",
+                        help="with --peaks: the best-scoring queries of each image measured")
     return parser.parse_args(argv)
 
 
@@ -379,12 +381,12 @@ def main(argv: list[str] | None = None) -> None:
     text = table(rows, args.variants)
     if args.peaks:
         report["peaks"] = [
-            {"variant": variant, "seed": seed, **row}
+            {"variant": variant, "seed": seed, "top": args.peaks_top, **row}
             for variant in args.variants for seed in args.seeds
             if (run_path(Path(args.out), variant, seed) / "last.pt").exists()
             for row in peak_statistics(run_path(Path(args.out), variant, seed), setting["data"],
-                                       args.peaks, device=str(device))]
-        text += ("\n\nTop-10 queries whose positional map peaks within one feature cell of "
+                                       args.peaks, top=args.peaks_top, device=str(device))]
+        text += (f"\n\nTop-{args.peaks_top} queries whose positional map peaks within one feature cell of "
                  f"the reference (positional map averaged over the heads), mean over "
                  f"{args.peaks} validation images and the seeds; in brackets: images where at "
                  "least 90% do, and the share for each run's single head that peaks there "

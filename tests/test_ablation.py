@@ -34,7 +34,7 @@ def test_ablation_smoke_equal_budget_json_table_plot_and_continuation(tmp_path):
     assert sorted((p["variant"], p["reference"], p["layer"]) for p in peaks) == sorted(
         [("dab", ref, i) for ref in ("anchor", "box") for i in layers]
         + [("detr", "box", i) for i in layers])  # a detr model has no anchors
-    assert all(p["images"] == 3 and 0.9 * p["images_at_least_90"] <= p["share_within"] + 1e-9
+    assert all(p["images"] == 3 and p["top"] == 10 and 0.9 * p["images_at_least_90"] <= p["share_within"] + 1e-9
                and 0 <= p["share_within"] <= 1 and len(p["per_head_share_within"]) == 4
                and all(0 <= h <= 1 for h in p["per_head_share_within"]) for p in peaks)
     assert "| detr | box |" in out.with_suffix(".md").read_text()
