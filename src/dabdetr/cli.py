@@ -36,7 +36,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="cap on the long side, 0 for none (default: the model's, scaled with "
                    "--size)")
     p.add_argument("--num-select", type=positive_int, default=None,
-                   help="top-k before the threshold (default: the authors' 300 for DAB-DETR, "
+                   help="top-k before the threshold (None: the authors' 300 for DAB-DETR, "
                    "100 for DAB-Deformable-DETR)")
     p.add_argument("--no-draw", action="store_true", help="do not write images with boxes drawn")
     p.add_argument("--explain", type=non_negative_int, default=0, metavar="K",

@@ -24,7 +24,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--postprocess", action="store_true",
                    help="add the target_sizes input and the scores/labels/boxes outputs")
     p.add_argument("--num-select", type=positive_int, default=None,
-                   help="top-k of --postprocess (default: the authors' 300 for DAB-DETR, 100 "
+                   help="top-k of --postprocess (None: the authors' 300 for DAB-DETR, 100 "
                    "for DAB-Deformable-DETR)")
     p.add_argument("--static", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
                    help="fix the image size (the batch stays dynamic)")

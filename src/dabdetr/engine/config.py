@@ -122,7 +122,7 @@ class TrainConfig:
     eval_every: int = option(1, "evaluate every N epochs (and at the end)", POSITIVE)
     eval_batch_size: int = option(2, "images per evaluation batch, per process", POSITIVE)
     num_select: int | None = option(None, "top-k detections per image kept for evaluation "
-                                    "(default: the authors' 300 for DAB-DETR, 100 for "
+                                    "(None: the authors' 300 for DAB-DETR, 100 for "
                                     "DAB-Deformable-DETR)", POSITIVE)
     log_every: int = option(20, "steps between step records in metrics.jsonl", POSITIVE)
     progress: bool = option(True, "hide the progress bars", flag="--no-progress")

@@ -202,7 +202,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-size", type=non_negative_int, default=None,
                    help="long side cap, 0 for none (default: the model's, scaled with --size)")
     p.add_argument("--num-select", type=positive_int, default=None,
-                   help="top-k detections per image (default: the authors' 300 for DAB-DETR, "
+                   help="top-k detections per image (None: the authors' 300 for DAB-DETR, "
                    "100 for DAB-Deformable-DETR)")
     p.add_argument("--num-workers", type=non_negative_int, default=2)
     p.add_argument("--out", default=None, help="write detections.json and metrics.json here")
