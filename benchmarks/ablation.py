@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from dabdetr.argtypes import non_negative_int, positive_int  # noqa: E402
 from dabdetr.demo import DEMO_DATA, DEMO_RECIPE  # noqa: E402
 
 LEARNED = {"two_stage": False}  # learned queries instead of the demo's query selection
@@ -334,11 +335,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", default=str(ROOT / "ablation.png"))
     parser.add_argument("--title", default=None, help="the plot's title (default: the setting)")
     parser.add_argument("--report-only", action="store_true", help="only collect and draw")
-    parser.add_argument("--peaks", type=int, default=0, metavar="N",
+    parser.add_argument("--peaks", type=non_negative_int, default=0, metavar="N",
                         help="also measure, on the first N validation images, where each run's "
                         "positional attention peaks relative to its anchors and boxes "
                         "(the --peaks-top best queries of each image)")
-    parser.add_argument("--peaks-top", type=int, default=10, metavar="K",
+    parser.add_argument("--peaks-top", type=positive_int, default=10, metavar="K",
                         help="with --peaks: the best-scoring queries of each image measured")
     return parser.parse_args(argv)
 
@@ -378,7 +379,9 @@ def main(argv: list[str] | None = None) -> None:
                                                               else sys.argv[1:]),
     }
     report: dict[str, Any] = {"setting": setting, "runs": rows}
-    text = table(rows, args.variants)
+    sections = [table(rows, args.variants),
+                f"AP50 / AP: mean over seeds (min-max). {setting['machine']}, {setting['date']}: "
+                f"`{setting['command']}`"]
     if args.peaks:
         report["peaks"] = [
             {"variant": variant, "seed": seed, "top": args.peaks_top, **row}
@@ -386,17 +389,15 @@ def main(argv: list[str] | None = None) -> None:
             if (run_path(Path(args.out), variant, seed) / "last.pt").exists()
             for row in peak_statistics(run_path(Path(args.out), variant, seed), setting["data"],
                                        args.peaks, top=args.peaks_top, device=str(device))]
-        text += (f"\n\nTop-{args.peaks_top} queries whose positional map peaks within one feature cell of "
-                 f"the reference (positional map averaged over the heads), mean over "
-                 f"{args.peaks} validation images and the seeds; in brackets: images where at "
-                 "least 90% do, and the share for each run's single head that peaks there "
-                 "most often\n\n"
-                 + peaks_table(report["peaks"], args.variants))
+        sections += [f"Top-{args.peaks_top} queries whose positional map peaks within one "
+                     f"feature cell of the reference (positional map averaged over the heads), "
+                     f"mean over {args.peaks} validation images and the seeds; in brackets: "
+                     "images where at least 90% do, and the share for each run's single head "
+                     "that peaks there most often",
+                     peaks_table(report["peaks"], args.variants)]
     Path(args.json).write_text(json.dumps(report, indent=1))
-    caption = (f"AP50 / AP: mean over seeds (min-max). {setting['machine']}, {setting['date']}: "
-               f"`{setting['command']}`")
-    first, _, peaks = text.partition("\n\n")
-    Path(args.table).write_text("\n\n".join(filter(None, [first, caption, peaks])) + "\n")
+    text = "\n\n".join(sections)
+    Path(args.table).write_text(text + "\n")
     title = args.title or (f"{args.budget:,} images per run, seeds {args.seeds}, data "
                            f"{Path(setting['data']).name}: {setting['command']}")
     plot(rows, args.variants, Path(args.plot), title)

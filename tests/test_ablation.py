@@ -34,7 +34,8 @@ def test_ablation_smoke_equal_budget_json_table_plot_and_continuation(tmp_path):
     assert sorted((p["variant"], p["reference"], p["layer"]) for p in peaks) == sorted(
         [("dab", ref, i) for ref in ("anchor", "box") for i in layers]
         + [("detr", "box", i) for i in layers])  # a detr model has no anchors
-    assert all(p["images"] == 3 and p["top"] == 10 and 0.9 * p["images_at_least_90"] <= p["share_within"] + 1e-9
+    assert all(p["images"] == 3 and p["top"] == 10
+               and 0.9 * p["images_at_least_90"] <= p["share_within"] + 1e-9
                and 0 <= p["share_within"] <= 1 and len(p["per_head_share_within"]) == 4
                and all(0 <= h <= 1 for h in p["per_head_share_within"]) for p in peaks)
     assert "| detr | box |" in out.with_suffix(".md").read_text()
@@ -81,3 +82,15 @@ def test_backbone_from_starts_every_run_from_a_trained_models_resnet(tmp_path):
         ablation.main(["--backbone-from", str(tmp_path / "absent"), "--out",
                        str(tmp_path / "runs2"), "--device", "cpu"])
     assert not (tmp_path / "runs2" / "data").exists()
+
+
+def test_peak_counts_must_be_sensible(capsys):
+    import pytest
+
+    ablation = _ablation()
+    for argv, flag in ((["--peaks", "-1"], "--peaks"), (["--peaks", "5", "--peaks-top", "0"],
+                                                         "--peaks-top")):
+        with pytest.raises(SystemExit) as stop:
+            ablation.parse_args(argv)
+        assert stop.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    assert ablation.parse_args(["--peaks", "5"]).peaks_top == 10

@@ -168,7 +168,7 @@ def peak_offsets(maps: AttentionMaps, layer: int, references: Tensor | None = No
         references = chosen.anchors
     positional = chosen.positional.float()  # (B, Q, heads, h, w)
     positional = positional.mean(2) if head is None else positional[:, :, head]
-    batch, queries, _, width = positional.shape
+    width = positional.shape[-1]
     peak = positional.flatten(2).argmax(-1)  # (B, Q)
     peak_y, peak_x = peak // width, peak % width
     rows = maps.valid.any(2).sum(1, keepdim=True)  # (B, 1): valid cells per image

@@ -19,7 +19,7 @@ from dabdetr.export import (
     POSTPROCESS_OUTPUTS,
     RAW_OUTPUTS,
 )
-from dabdetr.model_types import DEFAULT_MODEL_TYPE, config_from_dict
+from dabdetr.model_types import DEFAULT_MODEL_TYPE, config_from_dict, model_type_of
 from dabdetr.models.outputs import DetectionOutput
 
 __all__ = ["OnnxDetector", "open_onnx_backend"]
@@ -35,8 +35,8 @@ class OnnxDetector:
     normalized cxcywh; no auxiliary outputs), on the CPU. `run(inputs)` runs the graph on named
     tensors and returns every output in the graph's order. `config` is the exported model's
     config (a DabDetrConfig or DabDeformableDetrConfig, as its `dabdetr.model_type` says; a
-    file without one holds a DAB-DETR) and `model_type` its family; `num_select` is the top-k of
-    a post-processing graph (None without).
+    file without one holds a DAB-DETR); `num_select` is the top-k of a post-processing graph
+    (None without).
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None,
@@ -63,9 +63,9 @@ class OnnxDetector:
         if CONFIG_KEY not in metadata:
             raise BadWeightsError(f"{path} is not a dabdetr export (no {CONFIG_KEY!r} metadata); "
                              "write it with `dabdetr export`")
-        self.model_type = metadata.get(MODEL_TYPE_KEY, DEFAULT_MODEL_TYPE)
+        model_type = metadata.get(MODEL_TYPE_KEY, DEFAULT_MODEL_TYPE)
         try:
-            self.config = config_from_dict(json.loads(metadata[CONFIG_KEY]), self.model_type)
+            self.config = config_from_dict(json.loads(metadata[CONFIG_KEY]), model_type)
         except ValueError as err:
             raise BadWeightsError(f"{path} has an unreadable model config: {err}") from None
         self.num_select = int(metadata[NUM_SELECT_KEY]) if NUM_SELECT_KEY in metadata else None
@@ -89,7 +89,7 @@ class OnnxDetector:
         try:
             outputs = self.runner.run(None, feed)
         except Exception as err:  # onnxruntime's own error types
-            if (self.model_type == DEFAULT_MODEL_TYPE or not self.config.two_stage
+            if (model_type_of(self.config) == DEFAULT_MODEL_TYPE or not self.config.two_stage
                     or "TopK" not in str(err)):
                 raise
             # the eager model refuses such an input by name; the graph fails in its TopK
